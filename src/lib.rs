@@ -1,0 +1,11 @@
+//! vfio-early: declarative PCI passthrough from the first moments of boot.
+//!
+//! The crate is a functional core behind a thin I/O shell: [`config`] and [`machine`]
+//! are read once into data, [`plan`] decides (the only place that does), and the shell
+//! modules ([`bind`], and the writers) carry the decisions out through one [`root::Root`].
+//! See ARCHITECTURE.md for the map.
+
+pub mod cli;
+pub mod paths;
+pub mod pci;
+pub mod root;

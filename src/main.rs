@@ -1,0 +1,5 @@
+//! The `vfio-early` binary: nothing but a call into [`vfio_early::cli::main`].
+
+fn main() -> std::process::ExitCode {
+    vfio_early::cli::main()
+}

@@ -1,0 +1,97 @@
+//! Every machine path vfio-early knows, relative to the [`crate::root::Root`].
+//!
+//! Kept in one place so a single test can prove none of them is absolute (an absolute
+//! path joined onto a root silently escapes it).
+
+pub const PCI_DEVICES: &str = "sys/bus/pci/devices";
+pub const PCI_DRIVERS: &str = "sys/bus/pci/drivers";
+pub const PCI_DRIVERS_PROBE: &str = "sys/bus/pci/drivers_probe";
+pub const IOMMU_GROUPS: &str = "sys/kernel/iommu_groups";
+pub const IOMMU_CLASS: &str = "sys/class/iommu";
+pub const SYS_DEV_BLOCK: &str = "sys/dev/block";
+pub const SYS_CLASS_BLOCK: &str = "sys/class/block";
+pub const SYS_MODULE: &str = "sys/module";
+pub const PROC_CMDLINE: &str = "proc/cmdline";
+pub const PROC_CPUINFO: &str = "proc/cpuinfo";
+pub const PROC_MOUNTINFO: &str = "proc/self/mountinfo";
+pub const PROC_MOUNTS: &str = "proc/mounts";
+pub const PROC_OSRELEASE: &str = "proc/sys/kernel/osrelease";
+pub const PROC_IOMEM: &str = "proc/iomem";
+pub const PROC_MODULES: &str = "proc/modules";
+pub const DEV_KMSG: &str = "dev/kmsg";
+pub const DEV_VFIO: &str = "dev/vfio";
+pub const CONFIG: &str = "etc/vfio-early.toml";
+pub const LIB_MODULES: &str = "lib/modules";
+pub const BOOT: &str = "boot";
+pub const STATE_DIR: &str = "var/lib/vfio-early";
+
+/// All constants above, for the test that rejects absolute paths.
+pub const ALL: &[&str] = &[
+    PCI_DEVICES,
+    PCI_DRIVERS,
+    PCI_DRIVERS_PROBE,
+    IOMMU_GROUPS,
+    IOMMU_CLASS,
+    SYS_DEV_BLOCK,
+    SYS_CLASS_BLOCK,
+    SYS_MODULE,
+    PROC_CMDLINE,
+    PROC_CPUINFO,
+    PROC_MOUNTINFO,
+    PROC_MOUNTS,
+    PROC_OSRELEASE,
+    PROC_IOMEM,
+    PROC_MODULES,
+    DEV_KMSG,
+    DEV_VFIO,
+    CONFIG,
+    LIB_MODULES,
+    BOOT,
+    STATE_DIR,
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_path_constant_is_absolute() {
+        for p in super::ALL {
+            assert!(!p.starts_with('/'), "{p} is absolute");
+            assert!(!p.contains(".."), "{p} climbs out of the root");
+        }
+    }
+
+    #[test]
+    fn no_absolute_machine_path_literal_in_sources() {
+        // Any "/sys/..", "/proc/.." or "/etc/.." string literal in src/ outside doc text
+        // bypasses the root. Allowed: user-facing messages, which quote paths with `<root>`.
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut bad = Vec::new();
+        let mut stack = vec![src];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    let code = line.trim_start();
+                    if code.starts_with("//") {
+                        continue;
+                    }
+                    for needle in ["\"/sys/", "\"/proc/", "\"/dev/", "\"/lib/modules"] {
+                        if code.contains(needle) {
+                            bad.push(format!("{}:{}: {}", p.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "absolute machine paths:\n{}",
+            bad.join("\n")
+        );
+    }
+}
