@@ -6,6 +6,8 @@
 //! See ARCHITECTURE.md for the map.
 
 pub mod cli;
+pub mod config;
+pub mod machine;
 pub mod paths;
 pub mod pci;
 pub mod root;

@@ -1,0 +1,540 @@
+//! `/etc/vfio-early.toml`: the config types, parsing, and error rendering.
+//!
+//! Parsing is apart from I/O: [`parse`] takes text and a display name, [`load`] reads a
+//! file (any bytes) and calls it. Unknown keys, wrong types, duplicate keys, malformed ids
+//! or addresses and non-UTF-8 input all become a [`ConfigError`] carrying file, line and
+//! column, the offending line, and a fix. Defaults live here, on the types.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::{PciAddress, VendorDevice};
+
+/// The whole config. Every table and key is optional; defaults suit most users.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceEntry>,
+    #[serde(default)]
+    pub iommu: Iommu,
+    #[serde(default)]
+    pub kernel: Kernel,
+    #[serde(default)]
+    pub modules: Modules,
+    #[serde(default)]
+    pub kvm: Kvm,
+    #[serde(default)]
+    pub interrupts: Interrupts,
+    #[serde(default)]
+    pub bootloader: Bootloader,
+}
+
+/// One `[[device]]` entry: selects devices by id, optionally narrowed.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// `vendor:device`, as `lspci -nn` prints it.
+    pub id: VendorDevice,
+    /// Only the device at this address (and it must have `id`).
+    #[serde(default)]
+    pub address: Option<PciAddress>,
+    /// Only devices with this subsystem `vendor:device`.
+    #[serde(default)]
+    pub subsystem: Option<VendorDevice>,
+    /// Only devices whose class code starts with these hex digits (`"03"`, `"0300"`).
+    #[serde(default)]
+    pub class: Option<ClassPrefix>,
+    /// Also take the other functions of the same slot (a GPU's HDMI audio).
+    #[serde(default = "yes")]
+    pub whole_slot: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A class-code prefix of 2, 4 or 6 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassPrefix {
+    pub value: u32,
+    pub digits: u8,
+}
+
+impl ClassPrefix {
+    pub fn matches(&self, class: crate::pci::PciClass) -> bool {
+        let shift = 4 * (6 - u32::from(self.digits));
+        (class.0 >> shift) == self.value
+    }
+}
+
+impl fmt::Display for ClassPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:0width$x}",
+            self.value,
+            width = usize::from(self.digits)
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for ClassPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.strip_prefix("0x").unwrap_or(&s);
+        let ok = matches!(t.len(), 2 | 4 | 6) && t.chars().all(|c| c.is_ascii_hexdigit());
+        let value = if ok {
+            u32::from_str_radix(t, 16).ok()
+        } else {
+            None
+        };
+        match value {
+            Some(value) => Ok(ClassPrefix {
+                value,
+                digits: t.len() as u8,
+            }),
+            None => Err(serde::de::Error::custom(format!(
+                "`{s}` is not a PCI class: write 2, 4 or 6 hex digits as `lspci -n` shows \
+                 them, e.g. \"03\" (display) or \"0403\" (audio)"
+            ))),
+        }
+    }
+}
+
+impl Serialize for ClassPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `[iommu]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Iommu {
+    /// Which IOMMU to enable on the command line; `auto` reads the CPU vendor.
+    #[serde(default)]
+    pub vendor: IommuVendor,
+    /// Add `iommu=pt`: host devices bypass translation (faster, the usual choice).
+    #[serde(default = "yes")]
+    pub passthrough: bool,
+}
+
+impl Default for Iommu {
+    fn default() -> Self {
+        Iommu {
+            vendor: IommuVendor::Auto,
+            passthrough: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IommuVendor {
+    #[default]
+    Auto,
+    Intel,
+    Amd,
+}
+
+/// `[kernel]`: command-line arguments beyond the IOMMU.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// What to do about the boot framebuffer holding a taken GPU's memory.
+    #[serde(default)]
+    pub framebuffer: Framebuffer,
+    /// Add `pcie_aspm=off`.
+    #[serde(default)]
+    pub pcie_aspm_off: bool,
+    /// Add `pci=noaer`.
+    #[serde(default)]
+    pub pci_noaer: bool,
+    /// `pcie_acs_override=` values; only patched kernels (Proxmox) honour it.
+    #[serde(default)]
+    pub acs_override: Vec<AcsOverride>,
+    /// Further arguments, appended as given.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Framebuffer {
+    /// `initcall_blacklist=sysfb_init` only when a taken GPU is the boot VGA.
+    #[default]
+    Auto,
+    /// Never add a framebuffer argument.
+    Keep,
+    /// Always add `initcall_blacklist=sysfb_init`.
+    SysfbOff,
+    /// Add `video=efifb:off video=vesafb:off video=simplefb:off` (also loses the
+    /// host's text console on that GPU).
+    VideoOff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcsOverride {
+    Downstream,
+    Multifunction,
+    /// `id:vvvv:dddd` forms are not modelled; use `extra_args` for those.
+    #[serde(rename = "downstream,multifunction")]
+    Both,
+}
+
+/// `[modules]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Modules {
+    /// `options vfio-pci disable_vga=1` (advised with OVMF guests).
+    #[serde(default)]
+    pub disable_vga: bool,
+    /// Drivers to blacklist host-wide. Empty by default: vfio-early takes devices by
+    /// address, so blacklisting is only needed for drivers that misbehave.
+    #[serde(default)]
+    pub blacklist: Vec<String>,
+}
+
+/// `[kvm]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kvm {
+    /// `options kvm ignore_msrs=1` (some Windows tools and macOS guests need it).
+    #[serde(default)]
+    pub ignore_msrs: bool,
+    /// `report_ignored_msrs`; set false to keep the log quiet with `ignore_msrs`.
+    #[serde(default = "yes")]
+    pub report_ignored_msrs: bool,
+}
+
+impl Default for Kvm {
+    fn default() -> Self {
+        Kvm {
+            ignore_msrs: false,
+            report_ignored_msrs: true,
+        }
+    }
+}
+
+/// `[interrupts]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interrupts {
+    /// `options vfio_iommu_type1 allow_unsafe_interrupts=1`: lets passthrough work without
+    /// interrupt remapping, at the cost of letting a guest forge interrupts (MSI attacks).
+    #[serde(default)]
+    pub allow_unsafe: bool,
+}
+
+/// `[bootloader]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootloader {
+    #[serde(default)]
+    pub kind: BootloaderKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootloaderKind {
+    #[default]
+    Auto,
+    Grub,
+    SystemdBoot,
+    ProxmoxBootTool,
+    None,
+}
+
+/// A config that could not be read, with where and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error has no position (unreadable file).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// The offending line's text, when there is one.
+    pub source_line: Option<String>,
+    /// Width of the span to underline, at least 1.
+    pub span_len: usize,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            writeln!(f, "{}: {}", self.file.display(), self.message)?;
+        } else {
+            writeln!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )?;
+        }
+        if let Some(text) = &self.source_line {
+            let num = self.line.to_string();
+            let pad = " ".repeat(num.len());
+            writeln!(f, "{pad} |")?;
+            writeln!(f, "{num} | {text}")?;
+            let lead: String = text
+                .chars()
+                .take(self.column.saturating_sub(1))
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            writeln!(f, "{pad} | {lead}{}", "^".repeat(self.span_len.max(1)))?;
+        }
+        write!(f, "fix: {}", self.fix)
+    }
+}
+
+/// Parses config text. `file` is only used in error messages.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|e| {
+        let span = e.span();
+        let message = e.message().trim().to_string();
+        error_at(text, file, span, &message)
+    })?;
+    validate(&config, text, file)?;
+    Ok(config)
+}
+
+/// Reads and parses a config file; any bytes in, a [`ConfigError`] for anything wrong.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        let fix = if e.kind() == std::io::ErrorKind::NotFound {
+            "create it (the package ships a commented example), or name another file \
+             with --config"
+                .to_string()
+        } else {
+            "check the file's permissions; vfio-early must be able to read it".to_string()
+        };
+        ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config: {e}"),
+            source_line: None,
+            span_len: 1,
+            fix,
+        }
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let good = e.utf8_error().valid_up_to();
+            let bytes = e.into_bytes();
+            let prefix = String::from_utf8_lossy(&bytes[..good]).into_owned();
+            let (line, column) = line_col(&prefix, good);
+            let line_text = String::from_utf8_lossy(&bytes)
+                .lines()
+                .nth(line - 1)
+                .map(str::to_string);
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message: format!("the file is not UTF-8 text (bad byte at offset {good})"),
+                source_line: line_text,
+                span_len: 1,
+                fix: "save the file as UTF-8; TOML files must be UTF-8".to_string(),
+            });
+        }
+    };
+    parse(&text, path)
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+fn error_at(
+    text: &str,
+    file: &Path,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+) -> ConfigError {
+    let (line, column, source_line, span_len) = match span {
+        Some(r) => {
+            let (line, column) = line_col(text, r.start);
+            let line_text = text.lines().nth(line - 1).unwrap_or("").to_string();
+            // Underline at most to the end of the line.
+            let rest = line_text.chars().count().saturating_sub(column - 1);
+            let len = text
+                .get(r.clone())
+                .map(|s| s.chars().count())
+                .unwrap_or(1)
+                .min(rest)
+                .max(1);
+            (line, column, Some(line_text), len)
+        }
+        None => (0, 0, None, 1),
+    };
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column,
+        message: first_line(message),
+        source_line,
+        span_len,
+        fix: fix_for(message),
+    }
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_string()
+}
+
+/// The fix to show for a parser message. Our own messages already say what to write;
+/// the TOML crate's need a hint.
+fn fix_for(message: &str) -> String {
+    let m = message.to_ascii_lowercase();
+    if m.contains("unknown field") {
+        if let Some(expected) = message.split("expected").nth(1) {
+            return format!(
+                "remove or rename the key; the keys allowed here are{}",
+                expected.trim_end_matches('.')
+            );
+        }
+        return "remove or rename the key; see vfio-early.toml(5) for the keys".to_string();
+    }
+    if m.contains("unknown variant") {
+        if let Some(expected) = message.split("expected").nth(1) {
+            return format!("use one of{}", expected.trim_end_matches('.'));
+        }
+    }
+    if m.contains("duplicate key") {
+        return "each key may appear once per table; delete one of them".to_string();
+    }
+    if m.contains("missing field") {
+        return "add the key; a [[device]] entry needs at least `id = \"vvvv:dddd\"`".to_string();
+    }
+    if m.contains("invalid type") {
+        return "give the value the type shown (strings in quotes, true/false unquoted, \
+                lists in [ ])"
+            .to_string();
+    }
+    if m.contains("not a pci") {
+        if let Some((_, fix)) = message.split_once(": ") {
+            return fix.to_string();
+        }
+    }
+    "correct the TOML syntax at the position shown".to_string()
+}
+
+/// Checks that need the whole config: two entries for the same address, an address
+/// whose entry is narrowed further in ways that cannot both hold.
+fn validate(config: &Config, text: &str, file: &Path) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, entry) in config.devices.iter().enumerate() {
+        if let Some(addr) = entry.address {
+            if let Some(first) = seen.insert(addr, i) {
+                let span = find_nth_entry_span(text, i);
+                let mut err = error_at(
+                    text,
+                    file,
+                    span,
+                    &format!(
+                        "device entries {} and {} both name address {addr}",
+                        first + 1,
+                        i + 1
+                    ),
+                );
+                err.fix = "keep one entry per address".to_string();
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The span of the `n`th `[[device]]` header, for whole-config errors.
+fn find_nth_entry_span(text: &str, n: usize) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    let mut count = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with("[[device]]") {
+            if count == n {
+                let start = offset + (line.len() - line.trim_start().len());
+                return Some(start..start + "[[device]]".len());
+            }
+            count += 1;
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/vfio-early.toml"))
+    }
+
+    #[test]
+    fn empty_config_has_defaults() {
+        let c = p("").unwrap();
+        assert!(c.devices.is_empty());
+        assert!(c.iommu.passthrough);
+        assert_eq!(c.bootloader.kind, BootloaderKind::Auto);
+        assert!(c.kvm.report_ignored_msrs);
+    }
+
+    #[test]
+    fn device_entry_parses() {
+        let c =
+            p("[[device]]\nid = \"10DE:1B80\"\naddress = \"01:00.0\"\nclass = \"03\"\n").unwrap();
+        let d = &c.devices[0];
+        assert_eq!(d.id.to_string(), "10de:1b80");
+        assert_eq!(
+            d.address.map(|a| a.to_string()).as_deref(),
+            Some("0000:01:00.0")
+        );
+        assert!(d.whole_slot);
+        assert!(d.class.unwrap().matches(crate::pci::PciClass(0x030000)));
+        assert!(!d.class.unwrap().matches(crate::pci::PciClass(0x040300)));
+    }
+
+    #[test]
+    fn bad_id_points_at_the_value() {
+        let e = p("[[device]]\nid = \"10de:zz\"\n").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 6));
+        assert!(e.fix.contains("lspci -nn"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_lists_allowed_keys() {
+        let e = p("[iommu]\npasthrough = true\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.fix.contains("passthrough"), "{}", e.fix);
+    }
+
+    #[test]
+    fn duplicate_address_is_rejected() {
+        let e = p("[[device]]\nid = \"8086:10d3\"\naddress = \"00:03.0\"\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:00:03.0\"\n").unwrap_err();
+        assert_eq!(e.line, 4);
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+    }
+}
