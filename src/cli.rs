@@ -1,15 +1,34 @@
 //! Command-line types (clap derive) and the dispatch to one module per subcommand.
 //!
 //! Exit status contract: 0 ok, 1 a check or action failed, 2 bad usage or bad config.
+//! Only this file and `main.rs` know the default root `/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::{self, Config, ConfigError};
+use crate::kmsg::Log;
+use crate::root::Root;
+use crate::{bind, list, machine, paths, plan};
+
+const AFTER_HELP: &str = "\
+Typical use:
+  vfio-early list            find the devices (ids, groups, drivers)
+  $EDITOR /etc/vfio-early.toml
+  vfio-early check           validate the config against this machine
+  vfio-early bind            take the devices now, without a reboot
+
+Exit status: 0 ok, 1 a check or action failed, 2 bad usage or bad config.";
+
 /// Declarative PCI passthrough: bind chosen devices to vfio-pci from early boot.
+///
+/// vfio-early reads /etc/vfio-early.toml, which says which PCI devices go to
+/// vfio-pci, and makes it so: at every boot from the initramfs, before any
+/// other driver can claim them, and now with `bind`.
 #[derive(Debug, Parser)]
-#[command(name = "vfio-early", version, max_term_width = 80)]
+#[command(name = "vfio-early", version, max_term_width = 80, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Treat DIR as the filesystem root for every read and write (a chroot or a
     /// fixture tree). With a root other than /, no host command is run.
@@ -27,19 +46,62 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Show every PCI device: ids, class, driver, IOMMU group, and whether the
-    /// config takes it.
+    /// config takes it and why.
     List {
         /// Print stable JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Validate the config and check it against this machine: entries that match
+    /// nothing, interlocks, IOMMU group viability.
+    Check,
+    /// Take the configured devices now: driver_override, unbind, load vfio-pci,
+    /// probe, verify.
+    Bind {
+        /// Early-boot mode, used by the initramfs: log to /dev/kmsg, never fail,
+        /// always exit 0; `vfio_early=off` on the kernel command line disables it.
+        #[arg(long)]
+        early: bool,
+        /// Take devices even when an interlock objects (boot disk, only display,
+        /// bridges).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
+    /// CPU vendor, mounts, the config) into one archive for a bug report.
+    DebugDump {
+        /// Where to write the archive (a gzip-compressed cpio).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+/// The outcome of a command, mapped to the exit status contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Failed,
+    Usage,
+}
+
+impl From<Status> for ExitCode {
+    fn from(s: Status) -> ExitCode {
+        match s {
+            Status::Ok => ExitCode::SUCCESS,
+            Status::Failed => ExitCode::from(1),
+            Status::Usage => ExitCode::from(2),
+        }
+    }
 }
 
 /// Parses the process arguments, runs the command, maps the outcome to an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
+    if let Cmd::Bind { early: true, .. } = cli.cmd {
+        return run_early(&cli).into();
+    }
+    match run(&cli) {
+        Ok(status) => status.into(),
         Err(e) => {
             eprintln!("vfio-early: error: {e:#}");
             ExitCode::from(1)
@@ -47,17 +109,169 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Runs one parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let root = crate::root::Root::new(&cli.root);
-    match cli.cmd {
-        Cmd::List { json: _ } => {
-            for d in crate::pci::enumerate_devices(&root) {
-                println!("{}", d.address);
+fn config_path(cli: &Cli, root: &Root) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| root.path(paths::CONFIG))
+}
+
+/// Loads the config; a missing file is an empty config only when `missing_ok`.
+fn load_config(path: &Path, missing_ok: bool) -> Result<Config, ConfigError> {
+    if missing_ok && !path.exists() {
+        return Ok(Config::default());
+    }
+    config::load(path)
+}
+
+fn print_config_error(e: &ConfigError) {
+    eprintln!("vfio-early: error: {e}");
+}
+
+/// Runs one parsed command line (all but `bind --early`).
+pub fn run(cli: &Cli) -> anyhow::Result<Status> {
+    let root = Root::new(&cli.root);
+    let cfg_path = config_path(cli, &root);
+    match &cli.cmd {
+        Cmd::List { json } => {
+            let config = match load_config(&cfg_path, true) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_config_error(&e);
+                    return Ok(Status::Usage);
+                }
+            };
+            let machine = machine::discover(&root);
+            let plan = plan::plan(&config, &machine, plan::Options::default());
+            if *json {
+                println!("{}", list::render_json(&machine, &plan));
+            } else {
+                print!("{}", list::render_table(&machine, &plan));
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(Status::Ok)
+        }
+        Cmd::Check => {
+            let config = match load_config(&cfg_path, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_config_error(&e);
+                    return Ok(Status::Usage);
+                }
+            };
+            let machine = machine::discover(&root);
+            let plan = plan::plan(&config, &machine, plan::Options::default());
+            print!("{}", crate::check::render(&cfg_path, &config, &plan));
+            Ok(if plan.has_errors() {
+                Status::Failed
+            } else {
+                Status::Ok
+            })
+        }
+        Cmd::Bind { force, .. } => {
+            let config = match load_config(&cfg_path, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_config_error(&e);
+                    return Ok(Status::Usage);
+                }
+            };
+            let machine = machine::discover(&root);
+            let plan = plan::plan(&config, &machine, plan::Options { force: *force });
+            if plan.has_errors() {
+                eprint!("{}", list::render_problems(&plan.problems));
+                eprintln!("vfio-early: nothing was changed");
+                return Ok(Status::Failed);
+            }
+            eprint!("{}", list::render_problems(&plan.problems));
+            let mut log = Log::stderr();
+            let mut sys = bind::RealSysfs::new(root);
+            let report = bind::bind_devices(&mut sys, &plan, &mut log);
+            if report.devices.is_empty() {
+                eprintln!("vfio-early: the config takes no device on this machine");
+            }
+            Ok(if report.failed() {
+                Status::Failed
+            } else {
+                Status::Ok
+            })
+        }
+        Cmd::DebugDump { output } => {
+            let count = crate::dump::write_dump(&root, &cfg_path, output)?;
+            eprintln!(
+                "vfio-early: wrote {} ({count} entries); attach it to your bug report",
+                output.display()
+            );
+            Ok(Status::Ok)
         }
     }
+}
+
+/// `bind --early`: from the initramfs. Never fails, never panics outward, exits 0.
+pub fn run_early(cli: &Cli) -> Status {
+    let root = Root::new(&cli.root);
+    let mut log = Log::kmsg(&root);
+    let cfg_path = config_path(cli, &root);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        early_bind(&root, &cfg_path, &mut log)
+    }));
+    if outcome.is_err() {
+        log.error("internal error in the early binder; boot continues without it");
+    }
+    Status::Ok
+}
+
+/// The early binder's steps; every failure is logged and ends the step quietly.
+pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
+    let cmdline = root.read_attr(paths::PROC_CMDLINE).unwrap_or_default();
+    if cmdline
+        .split_whitespace()
+        .any(|t| t == "vfio_early=off" || t == "vfio-early=off")
+    {
+        log.warn("disabled by vfio_early=off on the kernel command line; nothing done");
+        return;
+    }
+    if !cfg_path.exists() {
+        log.info(&format!(
+            "no config at {}; nothing to do",
+            cfg_path.display()
+        ));
+        return;
+    }
+    let config = match config::load(cfg_path) {
+        Ok(c) => c,
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or("invalid config");
+            log.error(&format!("config error, nothing bound: {first}"));
+            return;
+        }
+    };
+    let machine = machine::discover(root);
+    // `apply` is the gate for interlocks (it refuses to build an image with a refused
+    // device unless forced), so the early binder takes what the applied config selects.
+    let plan = plan::plan(&config, &machine, plan::Options { force: true });
+    for p in &plan.problems {
+        log.warn(&p.message);
+    }
+    if plan.targets().next().is_none() {
+        log.info("the config takes no device on this boot");
+        return;
+    }
+    let mut sys = bind::RealSysfs::new(root.clone());
+    let report = bind::bind_devices(&mut sys, &plan, log);
+    let bound = report
+        .devices
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.outcome,
+                bind::Outcome::Bound | bind::Outcome::AlreadyBound
+            )
+        })
+        .count();
+    log.info(&format!(
+        "done: {bound} of {} device(s) on vfio-pci",
+        report.devices.len()
+    ));
 }
 
 #[cfg(test)]

@@ -97,8 +97,8 @@ impl<'de> Deserialize<'de> for ClassPrefix {
                 digits: t.len() as u8,
             }),
             None => Err(serde::de::Error::custom(format!(
-                "`{s}` is not a PCI class: write 2, 4 or 6 hex digits as `lspci -n` shows \
-                 them, e.g. \"03\" (display) or \"0403\" (audio)"
+                "`{s}` is not a PCI class\nfix: write 2, 4 or 6 hex digits as `lspci -n` \
+                 shows them, e.g. \"03\" (display) or \"0403\" (audio)"
             ))),
         }
     }
@@ -404,19 +404,26 @@ fn first_line(message: &str) -> String {
 /// The fix to show for a parser message. Our own messages already say what to write;
 /// the TOML crate's need a hint.
 fn fix_for(message: &str) -> String {
+    if let Some((_, fix)) = message.split_once("\nfix: ") {
+        return fix.trim().to_string();
+    }
     let m = message.to_ascii_lowercase();
+    let expected = message
+        .split_once("expected ")
+        .map(|(_, e)| e.trim_start_matches("one of ").trim_end_matches('.').trim());
+    let quoted = message.split('`').nth(1).unwrap_or("");
     if m.contains("unknown field") {
-        if let Some(expected) = message.split("expected").nth(1) {
-            return format!(
-                "remove or rename the key; the keys allowed here are{}",
-                expected.trim_end_matches('.')
-            );
+        if let Some(expected) = expected {
+            let hint = nearest(quoted, expected)
+                .map(|k| format!("did you mean `{k}`? "))
+                .unwrap_or_default();
+            return format!("{hint}the keys allowed here are {expected}");
         }
         return "remove or rename the key; see vfio-early.toml(5) for the keys".to_string();
     }
     if m.contains("unknown variant") {
-        if let Some(expected) = message.split("expected").nth(1) {
-            return format!("use one of{}", expected.trim_end_matches('.'));
+        if let Some(expected) = expected {
+            return format!("use one of {expected}");
         }
     }
     if m.contains("duplicate key") {
@@ -430,12 +437,32 @@ fn fix_for(message: &str) -> String {
                 lists in [ ])"
             .to_string();
     }
-    if m.contains("not a pci") {
-        if let Some((_, fix)) = message.split_once(": ") {
-            return fix.to_string();
-        }
-    }
     "correct the TOML syntax at the position shown".to_string()
+}
+
+/// The allowed key closest to a misspelt one (edit distance at most 2).
+fn nearest(word: &str, expected: &str) -> Option<String> {
+    expected
+        .split(", ")
+        .map(|k| k.trim_matches('`'))
+        .map(|k| (edit_distance(word, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.to_string())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Checks that need the whole config: two entries for the same address, an address

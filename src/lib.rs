@@ -5,9 +5,15 @@
 //! modules ([`bind`], and the writers) carry the decisions out through one [`root::Root`].
 //! See ARCHITECTURE.md for the map.
 
+pub mod bind;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod dump;
+pub mod kmsg;
+pub mod list;
 pub mod machine;
 pub mod paths;
 pub mod pci;
+pub mod plan;
 pub mod root;

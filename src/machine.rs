@@ -223,7 +223,7 @@ fn block_pci_devices(root: &Root, link: &Path, out: &mut BTreeSet<PciAddress>, d
     if let Some(addr) = target
         .components()
         .filter_map(|c| c.as_os_str().to_str()?.parse::<PciAddress>().ok())
-        .last()
+        .next_back()
     {
         out.insert(addr);
         return;

@@ -52,8 +52,8 @@ impl FromStr for PciAddress {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || {
             ParseError(format!(
-                "`{s}` is not a PCI address: write it as `lspci -D` shows it, \
-                 e.g. \"0000:01:00.0\" (domain optional)"
+                "`{s}` is not a PCI address\nfix: write it as `lspci -D` shows it, \
+                 e.g. \"0000:01:00.0\" (the domain is optional)"
             ))
         };
         let (rest, function) = s.rsplit_once('.').ok_or_else(err)?;
@@ -117,8 +117,8 @@ impl FromStr for VendorDevice {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || {
             ParseError(format!(
-                "`{s}` is not a PCI id: write four hex digits, a colon and four hex digits, \
-                 as `lspci -nn` shows them in brackets, e.g. \"10de:1b80\""
+                "`{s}` is not a PCI id\nfix: write four hex digits, a colon and four hex \
+                 digits, as `lspci -nn` shows them in brackets, e.g. \"10de:1b80\""
             ))
         };
         let (v, d) = s.split_once(':').ok_or_else(err)?;
