@@ -565,3 +565,71 @@ mod tests {
         assert_eq!(line_col("ab\ncé d", 7), (2, 4));
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../etc/vfio-early.toml");
+
+    #[test]
+    fn shipped_config_is_inert() {
+        let c = parse(SHIPPED, Path::new("etc/vfio-early.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    /// Uncommenting every example line gives a valid config: the examples stay true.
+    #[test]
+    fn shipped_examples_parse_when_uncommented() {
+        let text: String = SHIPPED
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(&text, Path::new("uncommented")).unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert!(!c.devices[1].whole_slot);
+    }
+
+    /// Every key the parser knows is documented in the shipped file.
+    #[test]
+    fn shipped_config_documents_every_key() {
+        let full = Config {
+            devices: vec![DeviceEntry {
+                id: "0000:0000".parse().unwrap(),
+                address: Some("00:00.0".parse().unwrap()),
+                subsystem: Some("0000:0000".parse().unwrap()),
+                class: Some(ClassPrefix {
+                    value: 3,
+                    digits: 2,
+                }),
+                whole_slot: true,
+            }],
+            ..Config::default()
+        };
+        let value = toml::Value::try_from(&full).unwrap();
+        let mut keys = Vec::new();
+        if let toml::Value::Table(t) = value {
+            for (table, v) in t {
+                match v {
+                    toml::Value::Table(inner) => keys.extend(inner.keys().cloned()),
+                    toml::Value::Array(a) => {
+                        for item in a {
+                            if let toml::Value::Table(inner) = item {
+                                keys.extend(inner.keys().cloned());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                keys.push(table);
+            }
+        }
+        for key in keys {
+            assert!(SHIPPED.contains(&key), "`{key}` is not documented");
+        }
+    }
+}

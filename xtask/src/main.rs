@@ -1,5 +1,10 @@
-//! `cargo xtask`: the project's task runner. One module per task; every external command
-//! runs through xshell with a timeout, so CI steps run the same way locally.
+//! `cargo xtask`: the project's task runner. One module per task; external commands run
+//! through xshell (with `timeout` where they could hang), so CI steps run the same way
+//! locally.
+
+mod demo;
+mod test;
+mod tools;
 
 use clap::{Parser, Subcommand};
 
@@ -13,8 +18,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Run every test: formatting, lints, unit and integration tests, shellcheck.
+    /// Run every test: formatting, lints, shellcheck, unit and integration tests.
     Test,
+    /// Show vfio-early at work.
+    Demo {
+        /// On a fake machine tree instead of a booted VM.
+        #[arg(long)]
+        fake: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -22,13 +33,9 @@ fn main() -> anyhow::Result<()> {
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
     match cli.task {
-        Task::Test => {
-            xshell::cmd!(sh, "cargo fmt --all -- --check").run()?;
-            xshell::cmd!(sh, "cargo clippy --workspace --all-targets -- -D warnings").run()?;
-            xshell::cmd!(sh, "cargo test --workspace").run()?;
-        }
+        Task::Test => test::run(&sh),
+        Task::Demo { fake: _ } => demo::run_fake(&sh),
     }
-    Ok(())
 }
 
 fn project_root() -> std::path::PathBuf {
