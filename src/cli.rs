@@ -11,14 +11,17 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config, ConfigError};
 use crate::kmsg::Log;
 use crate::root::Root;
-use crate::{bind, list, machine, paths, plan};
+use crate::{apply, bind, list, machine, paths, plan};
 
 const AFTER_HELP: &str = "\
 Typical use:
   vfio-early list            find the devices (ids, groups, drivers)
   $EDITOR /etc/vfio-early.toml
   vfio-early check           validate the config against this machine
-  vfio-early bind            take the devices now, without a reboot
+  vfio-early apply --dry-run see what apply would change
+  vfio-early apply           kernel arguments, modprobe config, initramfs
+  reboot
+  vfio-early undo            remove everything apply wrote
 
 Exit status: 0 ok, 1 a check or action failed, 2 bad usage or bad config.";
 
@@ -66,6 +69,31 @@ pub enum Cmd {
         /// bridges).
         #[arg(long)]
         force: bool,
+    },
+    /// Write the kernel command line and modprobe config for the configured
+    /// devices, then rebuild the initramfs and bootloader config (only when
+    /// something changed). Idempotent.
+    Apply {
+        /// Show the diff and the commands, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply even when an interlock objects (boot disk, only display, bridges).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove every file apply wrote, take its tokens out of /etc/kernel/cmdline,
+    /// and regenerate: the system returns to how it was before apply.
+    Undo {
+        /// Show the diff and the commands, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// For the initramfs hooks: the files to copy and the modules to add for a
+    /// kernel, one per line; nothing when no device is configured.
+    HookFiles {
+        /// The kernel version the image is built for.
+        #[arg(long, value_name = "VERSION")]
+        kernel: String,
     },
     /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
     /// CPU vendor, mounts, the config) into one archive for a bug report.
@@ -194,6 +222,41 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 Status::Ok
             })
         }
+        Cmd::Apply { dry_run, force } => {
+            let text = match std::fs::read(&cfg_path) {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(_) => String::new(),
+            };
+            let config = match load_config(&cfg_path, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_config_error(&e);
+                    eprintln!("vfio-early: nothing was written");
+                    return Ok(Status::Usage);
+                }
+            };
+            let machine = machine::discover(&root);
+            let plan = plan::plan(&config, &machine, plan::Options { force: *force });
+            eprint!("{}", list::render_problems(&plan.problems));
+            if plan.has_errors() {
+                eprintln!("vfio-early: nothing was written");
+                return Ok(Status::Failed);
+            }
+            let kernels = crate::kmod::read_all(&root, &machine.installed_kernels);
+            let target = apply::Target {
+                config: &config,
+                config_text: &text,
+                plan: &plan,
+                machine: &machine,
+                kernels: &kernels,
+            };
+            converge(&root, Some(&target), *dry_run)
+        }
+        Cmd::Undo { dry_run } => converge(&root, None, *dry_run),
+        Cmd::HookFiles { kernel } => {
+            print!("{}", apply::render_hook_files(&root, kernel));
+            Ok(Status::Ok)
+        }
         Cmd::DebugDump { output } => {
             let count = crate::dump::write_dump(&root, &cfg_path, output)?;
             eprintln!(
@@ -203,6 +266,23 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             Ok(Status::Ok)
         }
     }
+}
+
+/// Shared by apply and undo: compute, show, write, regenerate.
+fn converge(root: &Root, target: Option<&apply::Target>, dry_run: bool) -> anyhow::Result<Status> {
+    let ch = apply::compute(root, target)?;
+    let mut stdout = std::io::stdout();
+    print!("{}", apply::render_summary(&ch, dry_run));
+    if dry_run {
+        print!("{}", apply::render_diff(&ch));
+        return Ok(Status::Ok);
+    }
+    if ch.is_empty() {
+        return Ok(Status::Ok);
+    }
+    apply::commit(root, &ch, &mut apply::AtomicWriter)?;
+    apply::run_commands(root, &ch, &mut stdout)?;
+    Ok(Status::Ok)
 }
 
 /// `bind --early`: from the initramfs. Never fails, never panics outward, exits 0.

@@ -5,14 +5,19 @@
 //! modules ([`bind`], and the writers) carry the decisions out through one [`root::Root`].
 //! See ARCHITECTURE.md for the map.
 
+pub mod apply;
 pub mod bind;
+pub mod bootloader;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dump;
+pub mod kargs;
+pub mod kmod;
 pub mod kmsg;
 pub mod list;
 pub mod machine;
+pub mod modprobe;
 pub mod paths;
 pub mod pci;
 pub mod plan;

@@ -1,0 +1,240 @@
+//! Facts about each installed kernel's modules, read from `lib/modules/<version>/`:
+//! which vfio modules exist (`.ko`, `.ko.xz`, `.ko.zst`, `.ko.gz`, or built in per
+//! `modules.builtin`), and which drivers could claim a device, by matching its modalias
+//! against `modules.alias`. Pure reading; nothing here decides.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::paths;
+use crate::root::Root;
+
+/// The vfio modules vfio-early puts into the initramfs, in load order. `vfio_virqfd`
+/// was merged into `vfio` in Linux 6.2 and `vfio_pci_core` split out in 5.15, so each is
+/// used only where the kernel has it.
+pub const VFIO_MODULES: &[&str] = &[
+    "vfio",
+    "vfio_iommu_type1",
+    "vfio_virqfd",
+    "vfio_pci_core",
+    "vfio_pci",
+];
+
+/// Module names are compared with `-` folded to `_`, as modprobe does.
+pub fn normalize(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn module_name_of(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let stem = [".ko.zst", ".ko.xz", ".ko.gz", ".ko"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))?;
+    Some(normalize(stem))
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KernelModules {
+    pub version: String,
+    /// Loadable modules (normalized names).
+    pub loadable: BTreeSet<String>,
+    /// Built into the kernel image (normalized names).
+    pub builtin: BTreeSet<String>,
+    /// `(pattern, module)` from `modules.alias`, PCI aliases only.
+    pub pci_aliases: Vec<(String, String)>,
+}
+
+impl KernelModules {
+    /// Reads one kernel's module facts. A kernel without `modules.dep` (never depmod'ed)
+    /// is walked instead.
+    pub fn read(root: &Root, version: &str) -> KernelModules {
+        let dir = Path::new(paths::LIB_MODULES).join(version);
+        let mut loadable = BTreeSet::new();
+        match root.read_to_string(dir.join("modules.dep")) {
+            Ok(dep) => {
+                for line in dep.lines() {
+                    if let Some(name) = line.split(':').next().and_then(module_name_of) {
+                        loadable.insert(name);
+                    }
+                }
+            }
+            Err(_) => walk_modules(&root.path(&dir), &mut loadable, 0),
+        }
+        let builtin = root
+            .read_to_string(dir.join("modules.builtin"))
+            .map(|t| t.lines().filter_map(module_name_of).collect())
+            .unwrap_or_default();
+        let pci_aliases = root
+            .read_to_string(dir.join("modules.alias"))
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| {
+                        let mut f = l.split_whitespace();
+                        match (f.next(), f.next(), f.next()) {
+                            (Some("alias"), Some(p), Some(m)) if p.starts_with("pci:") => {
+                                Some((p.to_string(), normalize(m)))
+                            }
+                            _ => None,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        KernelModules {
+            version: version.to_string(),
+            loadable,
+            builtin,
+            pci_aliases,
+        }
+    }
+
+    pub fn has(&self, module: &str) -> bool {
+        let m = normalize(module);
+        self.loadable.contains(&m) || self.builtin.contains(&m)
+    }
+
+    /// The vfio modules this kernel has as loadable modules, in load order.
+    pub fn vfio_modules(&self) -> Vec<&'static str> {
+        VFIO_MODULES
+            .iter()
+            .copied()
+            .filter(|m| self.loadable.contains(*m))
+            .collect()
+    }
+
+    /// Drivers whose PCI aliases match `modalias`.
+    pub fn drivers_for(&self, modalias: &str) -> BTreeSet<String> {
+        self.pci_aliases
+            .iter()
+            .filter(|(pattern, _)| glob_match(pattern, modalias))
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+fn walk_modules(dir: &Path, out: &mut BTreeSet<String>, depth: u8) {
+    if depth > 12 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let p = e.path();
+        if p.is_dir() {
+            walk_modules(&p, out, depth + 1);
+        } else if let Some(name) = p.to_str().and_then(module_name_of) {
+            out.insert(name);
+        }
+    }
+}
+
+/// Every installed kernel's facts, by version.
+pub fn read_all(root: &Root, versions: &[String]) -> Vec<KernelModules> {
+    versions
+        .iter()
+        .map(|v| KernelModules::read(root, v))
+        .collect()
+}
+
+/// Shell-style glob with `*`, `?` and `[...]` classes, as kmod matches aliases.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+                continue;
+            }
+            Some('?') => {
+                pi += 1;
+                ti += 1;
+                continue;
+            }
+            Some('[') => {
+                if let Some((matched, next)) = class_match(&p, pi, t[ti]) {
+                    if matched {
+                        pi = next;
+                        ti += 1;
+                        continue;
+                    }
+                }
+            }
+            Some(c) if *c == t[ti] => {
+                pi += 1;
+                ti += 1;
+                continue;
+            }
+            _ => {}
+        }
+        match star {
+            Some((sp, st)) => {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Matches `c` against the class starting at `p[start] == '['`; returns whether it
+/// matched and the index after `]`.
+fn class_match(p: &[char], start: usize, c: char) -> Option<(bool, usize)> {
+    let mut i = start + 1;
+    let negate = matches!(p.get(i), Some('!') | Some('^'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let first = i;
+    while let Some(&ch) = p.get(i) {
+        if ch == ']' && i > first {
+            return Some((matched != negate, i + 1));
+        }
+        if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|e| *e != ']') {
+            let end = p[i + 2];
+            if ch <= c && c <= end {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if ch == c {
+                matched = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_modaliases() {
+        let ma = "pci:v00008086d000010D3sv00008086sd0000A01Fbc02sc00i00";
+        assert!(glob_match("pci:v00008086d000010D3sv*sd*bc*sc*i*", ma));
+        assert!(!glob_match("pci:v00008086d000010D4sv*sd*bc*sc*i*", ma));
+        assert!(glob_match("pci:v*d*sv*sd*bc02sc00i*", ma));
+        assert!(glob_match("pci:v0000808[0-9]d*", ma));
+        assert!(!glob_match("pci:v0000808[!6]d*", ma));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn module_names_fold_dashes_and_extensions() {
+        assert_eq!(
+            module_name_of("kernel/drivers/vfio/pci/vfio-pci.ko.xz").as_deref(),
+            Some("vfio_pci")
+        );
+        assert_eq!(module_name_of("vfio.ko").as_deref(), Some("vfio"));
+        assert_eq!(module_name_of("README"), None);
+    }
+}
