@@ -110,7 +110,10 @@ pub fn read_manifest(root: &Root) -> anyhow::Result<Option<Manifest>> {
             )
         })?)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", root.path(MANIFEST).display())),
+        Err(e) => Err(anyhow::anyhow!(
+            "reading {}: {e}",
+            root.path(MANIFEST).display()
+        )),
     }
 }
 
@@ -245,9 +248,16 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
 
     // Commands: only for what changed, plus anything an earlier run left pending.
     let touched: BTreeSet<&str> = ch.files.iter().map(|c| c.path.as_str()).collect();
-    let mut commands: Vec<Vec<String>> = old.pending.clone();
+    // Pending work is tracked on the host only: with another root the commands are
+    // reported, and running them is the caller's business.
+    let mut commands: Vec<Vec<String>> = if root.is_host() {
+        old.pending.clone()
+    } else {
+        Vec::new()
+    };
     let bl_now = bl.unwrap_or_else(|| bootloader::detect(root));
-    if touched.contains(MODPROBE) || touched.contains(APPLIED)
+    if touched.contains(MODPROBE)
+        || touched.contains(APPLIED)
         || touched.contains(bootloader::KERNEL_CMDLINE)
     {
         commands.push(initramfs_command(root));
@@ -257,9 +267,16 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
     } else if touched.contains(bootloader::GRUB_DROPIN) && root.exists("boot/grub/grub.cfg") {
         commands.push(vec!["update-grub".into()]);
     }
-    commands.dedup();
-    ch.commands = commands;
-    manifest.pending = ch.commands.clone();
+    let mut unique: Vec<Vec<String>> = Vec::new();
+    for c in commands {
+        if !unique.contains(&c) {
+            unique.push(c);
+        }
+    }
+    ch.commands = unique;
+    if root.is_host() {
+        manifest.pending = ch.commands.clone();
+    }
     ch.manifest = manifest;
     Ok(ch)
 }
@@ -294,7 +311,12 @@ fn missing_parents(root: &Root, rel: &str) -> Vec<String> {
 
 fn initramfs_command(root: &Root) -> Vec<String> {
     if root.exists("usr/sbin/update-initramfs") || !root.exists("usr/bin/dracut") {
-        vec!["update-initramfs".into(), "-u".into(), "-k".into(), "all".into()]
+        vec![
+            "update-initramfs".into(),
+            "-u".into(),
+            "-k".into(),
+            "all".into(),
+        ]
     } else {
         vec!["dracut".into(), "--regenerate-all".into(), "--force".into()]
     }
@@ -319,9 +341,6 @@ pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<(
         intent.cmdline_before = old.cmdline_before.clone();
         intent.cmdline_after = old.cmdline_after.clone();
     }
-    let nothing_owned = ch.manifest.files.is_empty()
-        && ch.manifest.cmdline_added.is_empty()
-        && ch.manifest.pending.is_empty();
     if !ch.files.is_empty() {
         w.write(root, MANIFEST, &to_json(&intent)?)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", root.path(MANIFEST).display()))?;
@@ -340,14 +359,24 @@ pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<(
         })?;
     }
     // 3. The final manifest, or none at all once nothing is owned.
+    store_manifest(root, &ch.manifest, w)
+}
+
+/// Writes the manifest, or removes it (and the directories apply created, when empty)
+/// once nothing is owned and nothing is pending.
+fn store_manifest(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Result<()> {
+    let nothing_owned = m.files.is_empty()
+        && m.cmdline_added.is_empty()
+        && m.pending.is_empty()
+        && m.cmdline_after.is_none();
     if nothing_owned {
         w.remove(root, MANIFEST)?;
-        for dir in ch.manifest.dirs_created.iter().rev() {
+        for dir in m.dirs_created.iter().rev() {
             // Only empty directories go; anything the user put there stays.
             let _ = std::fs::remove_dir(root.path(dir));
         }
     } else {
-        w.write(root, MANIFEST, &to_json(&ch.manifest)?)?;
+        w.write(root, MANIFEST, &to_json(m)?)?;
     }
     Ok(())
 }
@@ -390,7 +419,7 @@ pub fn run_commands(root: &Root, ch: &Changes, out: &mut dyn io::Write) -> anyho
     }
     if let Some(mut m) = read_manifest(root)? {
         m.pending.clear();
-        root.write_atomic(MANIFEST, to_json(&m)?.as_bytes())?;
+        store_manifest(root, &m, &mut AtomicWriter)?;
     }
     Ok(())
 }
@@ -428,7 +457,11 @@ pub fn render_diff(ch: &Changes) -> String {
             _ => (shown.clone(), shown.clone()),
         };
         let diff = similar::TextDiff::from_lines(old, new);
-        let _ = write!(out, "{}", diff.unified_diff().context_radius(3).header(&a, &b));
+        let _ = write!(
+            out,
+            "{}",
+            diff.unified_diff().context_radius(3).header(&a, &b)
+        );
     }
     out
 }
@@ -444,7 +477,11 @@ pub fn render_summary(ch: &Changes, dry_run: bool) -> String {
         let _ = writeln!(out, "bootloader: {name}");
     }
     if !ch.manifest.kernel_args.is_empty() {
-        let _ = writeln!(out, "kernel arguments: {}", ch.manifest.kernel_args.join(" "));
+        let _ = writeln!(
+            out,
+            "kernel arguments: {}",
+            ch.manifest.kernel_args.join(" ")
+        );
     }
     for (version, mods) in &ch.kernels {
         let _ = writeln!(out, "kernel {version}: initramfs gets {}", mods.join(" "));

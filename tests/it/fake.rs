@@ -268,3 +268,112 @@ pub fn workstation() -> FakeMachine {
     m.root_fs_on("0000:02:00.0");
     m
 }
+
+/// Kernel module trees and bootloaders for the apply matrix.
+impl FakeMachine {
+    /// A Debian 12 kernel: `.ko` modules, `vfio_virqfd` present.
+    pub fn kernel_61(&self) {
+        self.kernel("6.1.0-28-amd64", ".ko", true);
+    }
+
+    /// A Debian 13 kernel: `.ko.xz` modules, no `vfio_virqfd` (merged into vfio in 6.2).
+    pub fn kernel_612(&self) {
+        self.kernel("6.12.48+deb13-amd64", ".ko.xz", false);
+    }
+
+    fn kernel(&self, version: &str, ext: &str, virqfd: bool) {
+        let mut mods = vec![
+            "kernel/drivers/vfio/vfio",
+            "kernel/drivers/vfio/vfio_iommu_type1",
+            "kernel/drivers/vfio/pci/vfio-pci-core",
+            "kernel/drivers/vfio/pci/vfio-pci",
+            "kernel/drivers/net/ethernet/intel/e1000e/e1000e",
+            "kernel/drivers/gpu/drm/nouveau/nouveau",
+            "kernel/sound/pci/hda/snd-hda-intel",
+            "kernel/drivers/nvme/host/nvme",
+        ];
+        if virqfd {
+            mods.push("kernel/drivers/vfio/vfio_virqfd");
+        }
+        let dep: String = mods.iter().map(|m| format!("{m}{ext}:\n")).collect();
+        let dir = format!("lib/modules/{version}");
+        self.write(&format!("{dir}/modules.dep"), &dep);
+        self.write(
+            &format!("{dir}/modules.alias"),
+            "# Aliases extracted from modules themselves.\n\
+             alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
+             alias pci:v000010DEd*sv*sd*bc03sc*i* nouveau\n\
+             alias pci:v*d*sv*sd*bc04sc03i* snd_hda_intel\n\
+             alias pci:v*d*sv*sd*bc01sc08i02* nvme\n\
+             alias usb:v*p*d*dc*dsc*dp*ic03isc01ip01in* usbhid\n",
+        );
+        self.write(
+            &format!("{dir}/modules.builtin"),
+            "kernel/drivers/pci/pcieport.ko\n",
+        );
+    }
+
+    pub fn amd(&self) {
+        self.write(
+            "proc/cpuinfo",
+            "processor\t: 0\nvendor_id\t: AuthenticAMD\n",
+        );
+    }
+
+    pub fn initramfs_tools(&self) {
+        self.write("usr/sbin/update-initramfs", "#!/bin/sh\n");
+    }
+
+    pub fn grub(&self) {
+        self.write("usr/sbin/update-grub", "#!/bin/sh\n");
+        self.write("boot/grub/grub.cfg", "# grub.cfg\n");
+        self.write(
+            "etc/default/grub",
+            "GRUB_DEFAULT=0\nGRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"\"\n",
+        );
+    }
+
+    pub fn systemd_boot(&self, cmdline: Option<&str>) {
+        self.write("boot/efi/EFI/systemd/systemd-bootx64.efi", "MZ");
+        if let Some(c) = cmdline {
+            self.write("etc/kernel/cmdline", c);
+        }
+    }
+
+    pub fn proxmox(&self, cmdline: Option<&str>) {
+        self.write("usr/sbin/proxmox-boot-tool", "#!/bin/sh\n");
+        self.write("etc/kernel/proxmox-boot-uuids", "5C1E-4A2B\n");
+        if let Some(c) = cmdline {
+            self.write("etc/kernel/cmdline", c);
+        }
+    }
+
+    /// Every path under the root with its content (files), target (links) or `dir`.
+    pub fn tree(&self) -> std::collections::BTreeMap<String, String> {
+        fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                let rel = p.strip_prefix(base).expect("prefix").display().to_string();
+                let meta = fs::symlink_metadata(&p).expect("meta");
+                if meta.file_type().is_symlink() {
+                    let t = fs::read_link(&p).expect("link");
+                    out.insert(rel, format!("-> {}", t.display()));
+                } else if meta.is_dir() {
+                    out.insert(rel, "dir".into());
+                    walk(base, &p, out);
+                } else {
+                    out.insert(
+                        rel,
+                        String::from_utf8_lossy(&fs::read(&p).expect("read")).into(),
+                    );
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(self.root(), self.root(), &mut out);
+        out
+    }
+}

@@ -3,6 +3,7 @@
 //! machine trees built by [`fake`], and drives the library's binder against a simulated
 //! kernel.
 
+mod apply;
 mod bind;
 mod cli;
 mod config_errors;

@@ -1,0 +1,408 @@
+//! `apply` and `undo` on fake roots: every rendered file across the matrix (CPU vendor,
+//! bootloader, kernel layout, devices), idempotence, byte-for-byte undo, `--dry-run`,
+//! crash consistency, and the GRUB drop-in sourced under `sh -e`.
+
+use std::io;
+use std::path::Path;
+
+use vfio_early::apply::{self, AtomicWriter, Writer};
+use vfio_early::root::Root;
+use vfio_early::{config, kmod, machine, plan};
+
+use crate::fake::{text, workstation, FakeMachine};
+
+const GPU_AND_NIC: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
+
+const OWNED: &[&str] = &[
+    "etc/modprobe.d/vfio-early.conf",
+    "etc/default/grub.d/vfio-early.cfg",
+    "etc/kernel/cmdline",
+    "var/lib/vfio-early/applied.toml",
+    "var/lib/vfio-early/manifest.json",
+];
+
+/// The apply output and every owned file, for one snapshot per matrix case.
+fn rendered(m: &FakeMachine, args: &[&str]) -> String {
+    let out = m.run(args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(m, &out.stderr));
+    let mut s = format!("$ vfio-early {}\n{}", args.join(" "), text(m, &out.stdout));
+    for f in OWNED {
+        if let Ok(c) = std::fs::read_to_string(m.path(f)) {
+            s.push_str(&format!("\n==> /{f} <==\n{c}"));
+        }
+    }
+    s
+}
+
+fn matrix_case(setup: impl Fn(&FakeMachine), config: &str) -> String {
+    let m = workstation();
+    m.initramfs_tools();
+    setup(&m);
+    m.config(config);
+    rendered(&m, &["apply"])
+}
+
+#[test]
+fn intel_grub_kernel_61() {
+    insta::assert_snapshot!(matrix_case(
+        |m| {
+            m.kernel_61();
+            m.grub();
+        },
+        GPU_AND_NIC
+    ));
+}
+
+#[test]
+fn amd_grub_kernel_612() {
+    insta::assert_snapshot!(matrix_case(
+        |m| {
+            m.amd();
+            m.kernel_612();
+            m.grub();
+        },
+        GPU_AND_NIC
+    ));
+}
+
+#[test]
+fn intel_systemd_boot_both_kernels() {
+    insta::assert_snapshot!(matrix_case(
+        |m| {
+            m.kernel_61();
+            m.kernel_612();
+            m.systemd_boot(Some("root=UUID=0b1c ro quiet\n"));
+        },
+        GPU_AND_NIC
+    ));
+}
+
+#[test]
+fn amd_proxmox_boot_tool() {
+    insta::assert_snapshot!(matrix_case(
+        |m| {
+            m.amd();
+            m.kernel_612();
+            m.proxmox(Some("root=ZFS=rpool/ROOT/pve-1 boot=zfs\n"));
+        },
+        GPU_AND_NIC
+    ));
+}
+
+#[test]
+fn bootloader_none_prints_the_arguments() {
+    insta::assert_snapshot!(matrix_case(|m| m.kernel_61(), GPU_AND_NIC));
+}
+
+#[test]
+fn every_global_option() {
+    insta::assert_snapshot!(matrix_case(
+        |m| {
+            m.kernel_61();
+            m.grub();
+        },
+        "[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n\n\
+         [kernel]\nframebuffer = \"sysfb-off\"\npcie_aspm_off = true\npci_noaer = true\n\
+         acs_override = [\"downstream\", \"multifunction\"]\nextra_args = [\"pci=realloc\"]\n\n\
+         [modules]\ndisable_vga = true\nblacklist = [\"nouveau\"]\n\n\
+         [kvm]\nignore_msrs = true\nreport_ignored_msrs = false\n\n\
+         [interrupts]\nallow_unsafe = true\n"
+    ));
+}
+
+#[test]
+fn hook_files_follow_each_kernel() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.kernel_612();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let mut s = String::new();
+    for k in ["6.1.0-28-amd64", "6.12.48+deb13-amd64"] {
+        let out = m.run(&["hook-files", "--kernel", k]);
+        s.push_str(&format!("--kernel {k}\n{}", text(&m, &out.stdout)));
+    }
+    insta::assert_snapshot!(s);
+}
+
+#[test]
+fn hook_files_are_empty_without_devices() {
+    let m = workstation();
+    m.kernel_61();
+    m.config("[kvm]\nignore_msrs = true\n");
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let out = m.run(&["hook-files", "--kernel", "6.1.0-28-amd64"]);
+    assert_eq!(out.stdout, b"");
+}
+
+type Setup = Box<dyn Fn(&FakeMachine)>;
+
+fn setups() -> Vec<(&'static str, Setup)> {
+    vec![
+        ("grub", Box::new(|m: &FakeMachine| m.grub())),
+        (
+            "systemd-boot",
+            Box::new(|m: &FakeMachine| m.systemd_boot(Some("root=UUID=0b1c ro quiet  \n"))),
+        ),
+        (
+            "proxmox-created-cmdline",
+            Box::new(|m: &FakeMachine| m.proxmox(None)),
+        ),
+        ("none", Box::new(|_: &FakeMachine| {})),
+    ]
+}
+
+#[test]
+fn apply_is_idempotent_and_undo_restores_every_byte() {
+    for (name, setup) in setups() {
+        let m = workstation();
+        m.initramfs_tools();
+        m.kernel_61();
+        setup(&m);
+        m.config(GPU_AND_NIC);
+        let before = m.tree();
+
+        let first = m.run(&["apply"]);
+        assert_eq!(
+            first.status.code(),
+            Some(0),
+            "{name}: {}",
+            text(&m, &first.stderr)
+        );
+        let after = m.tree();
+        assert_ne!(before, after, "{name}: apply changed nothing");
+        assert_eq!(
+            before.get("etc/default/grub"),
+            after.get("etc/default/grub")
+        );
+
+        let second = m.run(&["apply"]);
+        let out = text(&m, &second.stdout);
+        assert!(out.contains("nothing changed"), "{name}: {out}");
+        assert!(!out.contains("would run"), "{name}: {out}");
+        assert_eq!(after, m.tree(), "{name}: second apply touched files");
+
+        let undo = m.run(&["undo"]);
+        assert_eq!(
+            undo.status.code(),
+            Some(0),
+            "{name}: {}",
+            text(&m, &undo.stderr)
+        );
+        assert_eq!(before, m.tree(), "{name}: undo left a difference");
+    }
+}
+
+#[test]
+fn undo_after_a_user_edit_removes_only_our_tokens() {
+    let m = workstation();
+    m.kernel_61();
+    m.systemd_boot(Some("root=UUID=0b1c ro quiet\n"));
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let edited = m
+        .read("etc/kernel/cmdline")
+        .replace("quiet", "quiet splash");
+    m.write("etc/kernel/cmdline", &edited);
+    assert_eq!(m.run(&["undo"]).status.code(), Some(0));
+    assert_eq!(
+        m.read("etc/kernel/cmdline"),
+        "root=UUID=0b1c ro quiet splash\n"
+    );
+}
+
+#[test]
+fn dry_run_writes_nothing_and_shows_a_diff() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    let before = m.tree();
+    let out = m.run(&["apply", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(before, m.tree());
+    let shown = text(&m, &out.stdout);
+    assert!(
+        shown.contains("+++ /etc/default/grub.d/vfio-early.cfg"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("would run: update-initramfs -u -k all"),
+        "{shown}"
+    );
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn a_config_change_updates_and_emptying_it_removes() {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    let before = m.tree();
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    m.config("[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n");
+    let out = m.run(&["apply"]);
+    let shown = text(&m, &out.stdout);
+    assert!(
+        shown.contains("updated /etc/modprobe.d/vfio-early.conf"),
+        "{shown}"
+    );
+    assert!(!m.read("etc/modprobe.d/vfio-early.conf").contains("nouveau"));
+    m.config("");
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let mut expect = before;
+    expect.insert("etc/vfio-early.toml".into(), String::new());
+    assert_eq!(expect, m.tree(), "an empty config leaves nothing behind");
+}
+
+#[test]
+fn bad_config_and_interlocks_write_nothing() {
+    for (cfg, code) in [
+        ("[[device]]\nid = \"10de\"\n", 2),
+        ("[[device]]\nid = \"144d:a808\"\n", 1),
+    ] {
+        let m = workstation();
+        m.kernel_61();
+        m.grub();
+        m.config(cfg);
+        let before = m.tree();
+        let out = m.run(&["apply"]);
+        assert_eq!(out.status.code(), Some(code), "{cfg}");
+        assert!(text(&m, &out.stderr).contains("nothing was written"));
+        assert_eq!(before, m.tree(), "{cfg}");
+    }
+}
+
+#[test]
+fn forced_apply_takes_the_refused_device() {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config("[[device]]\nid = \"144d:a808\"\n");
+    let out = m.run(&["apply", "--force"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&m, &out.stderr).contains("taken although it holds the filesystem mounted at /"));
+    assert!(m
+        .read("etc/modprobe.d/vfio-early.conf")
+        .contains("softdep nvme pre: vfio-pci"));
+}
+
+/// Fails the `n`th write or remove, like a crash or a full disk between two files.
+struct FailAt {
+    n: usize,
+    calls: usize,
+}
+
+impl Writer for FailAt {
+    fn write(&mut self, root: &Root, rel: &str, contents: &str) -> io::Result<()> {
+        self.calls += 1;
+        if self.calls == self.n {
+            return Err(io::Error::other("injected failure"));
+        }
+        AtomicWriter.write(root, rel, contents)
+    }
+    fn remove(&mut self, root: &Root, rel: &str) -> io::Result<()> {
+        self.calls += 1;
+        if self.calls == self.n {
+            return Err(io::Error::other("injected failure"));
+        }
+        AtomicWriter.remove(root, rel)
+    }
+}
+
+fn commit_with(m: &FakeMachine, cfg: &str, undo: bool, w: &mut dyn Writer) -> anyhow::Result<()> {
+    let root = Root::new(m.root());
+    let c = config::parse(cfg, Path::new("t")).expect("config");
+    let mach = machine::discover(&root);
+    let p = plan::plan(&c, &mach, plan::Options::default());
+    let kernels = kmod::read_all(&root, &mach.installed_kernels);
+    let target = apply::Target {
+        config: &c,
+        config_text: cfg,
+        plan: &p,
+        machine: &mach,
+        kernels: &kernels,
+    };
+    let ch = apply::compute(&root, if undo { None } else { Some(&target) })?;
+    apply::commit(&root, &ch, w)
+}
+
+#[test]
+fn a_failure_between_files_leaves_each_old_or_new_and_the_next_run_completes() {
+    for n in 1..=6 {
+        let m = workstation();
+        m.kernel_61();
+        m.systemd_boot(Some("root=UUID=0b1c ro\n"));
+        m.grub();
+        m.config(GPU_AND_NIC);
+        let old = m.tree();
+        // The reference: a clean apply on a twin.
+        let twin = workstation();
+        twin.kernel_61();
+        twin.systemd_boot(Some("root=UUID=0b1c ro\n"));
+        twin.grub();
+        twin.config(GPU_AND_NIC);
+        commit_with(&twin, GPU_AND_NIC, false, &mut AtomicWriter).expect("clean");
+        let new = twin.tree();
+
+        let failed = commit_with(&m, GPU_AND_NIC, false, &mut FailAt { n, calls: 0 });
+        let mid = m.tree();
+        for f in OWNED.iter().filter(|f| !f.ends_with("manifest.json")) {
+            let now = mid.get(*f);
+            assert!(
+                now == old.get(*f) || now == new.get(*f),
+                "failure at write {n}: {f} is neither old nor new"
+            );
+        }
+        if failed.is_err() {
+            // Undo after the crash finds everything; then a fresh apply completes.
+            commit_with(&m, GPU_AND_NIC, true, &mut AtomicWriter).expect("undo");
+            assert_eq!(old, m.tree(), "undo after a failure at write {n}");
+        }
+        commit_with(&m, GPU_AND_NIC, false, &mut AtomicWriter).expect("rerun");
+        let done = m.tree();
+        for f in OWNED {
+            assert_eq!(done.get(*f), new.get(*f), "rerun after failure at {n}: {f}");
+        }
+    }
+}
+
+#[test]
+fn grub_dropin_never_aborts_grub_mkconfig_under_sh_e() {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let dropin = m.path("etc/default/grub.d/vfio-early.cfg");
+    let installed = m.path("installed.cfg");
+    // The guard true (binary present, here: `true`) and false (package removed).
+    let text = std::fs::read_to_string(&dropin).expect("dropin");
+    std::fs::write(
+        &installed,
+        text.replace("/usr/sbin/vfio-early", "/bin/true"),
+    )
+    .expect("w");
+    for (file, expect) in [
+        (&installed, "quiet intel_iommu=on iommu=pt"),
+        (&dropin, "quiet"),
+    ] {
+        // grub-mkconfig runs under `set -e` and sources the defaults, then each drop-in.
+        let out = std::process::Command::new("sh")
+            .arg("-e")
+            .arg("-c")
+            .arg(format!(
+                ". {}; . {}; echo \"$GRUB_CMDLINE_LINUX_DEFAULT\"",
+                m.path("etc/default/grub").display(),
+                file.display()
+            ))
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "sh -e aborted on {}", file.display());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expect);
+    }
+}
