@@ -8,3 +8,4 @@ mod bind;
 mod cli;
 mod config_errors;
 mod fake;
+mod tidy;
