@@ -95,6 +95,14 @@ pub enum Cmd {
         #[arg(long, value_name = "VERSION")]
         kernel: String,
     },
+    /// Prove every step after a reboot: IOMMU, interrupt remapping, command
+    /// line, modules, each device on vfio-pci, IOMMU groups, framebuffer, reset
+    /// method. PASS/WARN/FAIL with a fix each; exit 1 on any FAIL.
+    Status {
+        /// Print stable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
     /// CPU vendor, mounts, the config) into one archive for a bug report.
     DebugDump {
@@ -253,6 +261,37 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             converge(&root, Some(&target), *dry_run)
         }
         Cmd::Undo { dry_run } => converge(&root, None, *dry_run),
+        Cmd::Status { json } => {
+            let config = match load_config(&cfg_path, true) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_config_error(&e);
+                    return Ok(Status::Usage);
+                }
+            };
+            let machine = machine::discover(&root);
+            // Forced: status reports on what the applied config takes at boot.
+            let plan = plan::plan(&config, &machine, plan::Options { force: true });
+            let kernel_log = crate::kmsg::read_log(&root);
+            let report = crate::status::run(&crate::status::Inputs {
+                root: &root,
+                config: &config,
+                config_path: &cfg_path,
+                machine: &machine,
+                plan: &plan,
+                kernel_log: &kernel_log,
+            });
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::status::render_table(&report));
+            }
+            Ok(if report.verdict == crate::status::Verdict::Fail {
+                Status::Failed
+            } else {
+                Status::Ok
+            })
+        }
         Cmd::HookFiles { kernel } => {
             print!("{}", apply::render_hook_files(&root, kernel));
             Ok(Status::Ok)

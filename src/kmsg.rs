@@ -84,3 +84,70 @@ impl Log {
         self.log(Level::Error, msg)
     }
 }
+
+/// The kernel log's messages, oldest first: from the `/dev/kmsg` character device, read
+/// record by record without blocking, or from a plain file of that name in a fixture tree
+/// (lines either in kmsg's `pri,seq,ts,flags;message` form or `<pri>message`). An
+/// unreadable log is an empty one.
+pub fn read_log(root: &Root) -> Vec<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let path = root.path(paths::DEV_KMSG);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if meta.file_type().is_char_device() {
+        // O_NONBLOCK: at the end of the buffer a read returns EAGAIN instead of waiting.
+        const O_NONBLOCK: i32 = 0o4000;
+        let Ok(mut f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&path)
+        else {
+            return out;
+        };
+        let mut buf = vec![0u8; 8192];
+        // Bounded: the ring buffer holds at most a few thousand records.
+        for _ in 0..200_000 {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.push(record_message(&String::from_utf8_lossy(&buf[..n]))),
+                // EPIPE: a record was overwritten while reading; go on with the next.
+                Err(e) if e.raw_os_error() == Some(32) => continue,
+                Err(_) => break,
+            }
+        }
+    } else if let Ok(text) = std::fs::read_to_string(&path) {
+        out.extend(text.lines().map(record_message));
+    }
+    out
+}
+
+fn record_message(record: &str) -> String {
+    let first = record.lines().next().unwrap_or("");
+    if let Some((_, msg)) = first.split_once(';') {
+        return msg.to_string();
+    }
+    if let Some(rest) = first.strip_prefix('<') {
+        if let Some((_, msg)) = rest.split_once('>') {
+            return msg.to_string();
+        }
+    }
+    first.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_lose_their_prefixes() {
+        assert_eq!(
+            record_message("6,339,5140900,-;DMAR: IOMMU enabled\n"),
+            "DMAR: IOMMU enabled"
+        );
+        assert_eq!(record_message("<4>vfio-early: x"), "vfio-early: x");
+        assert_eq!(record_message("plain"), "plain");
+    }
+}

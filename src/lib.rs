@@ -22,3 +22,4 @@ pub mod paths;
 pub mod pci;
 pub mod plan;
 pub mod root;
+pub mod status;

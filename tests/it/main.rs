@@ -8,4 +8,5 @@ mod bind;
 mod cli;
 mod config_errors;
 mod fake;
+mod status;
 mod tidy;

@@ -1,0 +1,162 @@
+//! `status` on fake machines: a healthy host after apply and reboot (every check PASS),
+//! and each failure a user meets: no IOMMU, arguments missing from the command line, a
+//! device on its old driver, a config edited since apply, a boot framebuffer holding the
+//! GPU, an AMD GPU without vendor-reset.
+
+use std::os::unix::fs::symlink;
+
+use crate::fake::{text, workstation, FakeMachine};
+
+const GPU_AND_NIC: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
+
+/// A workstation after `apply` and a reboot that went right.
+fn healthy() -> FakeMachine {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    m.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet intel_iommu=on iommu=pt\n",
+    );
+    std::fs::create_dir_all(m.path("sys/class/iommu")).expect("mkdir");
+    symlink(
+        "../../devices/virtual/iommu/dmar0",
+        m.path("sys/class/iommu/dmar0"),
+    )
+    .expect("ln");
+    m.write(
+        "dev/kmsg",
+        "6,100,1000,-;DMAR: IOMMU enabled\n\
+         6,101,1001,-;DMAR-IR: Enabled IRQ remapping in x2apic mode\n\
+         6,300,2000,-;vfio-early: done: 3 of 3 device(s) on vfio-pci\n",
+    );
+    for module in ["vfio", "vfio_iommu_type1", "vfio_pci"] {
+        std::fs::create_dir_all(m.path(&format!("sys/module/{module}"))).expect("mkdir");
+    }
+    m.driver_dir("vfio-pci");
+    for addr in ["0000:01:00.0", "0000:01:00.1", "0000:04:00.0"] {
+        let link = m.path(&format!("sys/devices/pci0000:00/{addr}/driver"));
+        std::fs::remove_file(&link).expect("rm");
+        symlink("../../../bus/pci/drivers/vfio-pci", link).expect("ln");
+        m.write(
+            &format!("sys/devices/pci0000:00/{addr}/reset_method"),
+            "flr bus\n",
+        );
+    }
+    m.write(
+        "boot/grub/grub.cfg",
+        "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet intel_iommu=on iommu=pt\n}\n",
+    );
+    m.write("dev/vfio/1", "");
+    m.write("dev/vfio/6", "");
+    m.write(
+        "proc/iomem",
+        "e0000000-efffffff : PCI Bus 0000:01\n  e0000000-efffffff : 0000:01:00.0\n",
+    );
+    m
+}
+
+#[test]
+fn a_healthy_host_passes_every_check() {
+    let m = healthy();
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        !report.contains("FAIL") && !report.contains("WARN"),
+        "{report}"
+    );
+    insta::assert_snapshot!(report);
+    let json = m.run(&["status", "--json"]);
+    insta::assert_snapshot!("healthy_json", text(&m, &json.stdout));
+}
+
+#[test]
+fn a_missing_argument_and_a_device_left_on_its_driver_fail() {
+    let m = healthy();
+    m.write("proc/cmdline", "root=UUID=x ro quiet iommu=pt\n");
+    let link = m.path("sys/devices/pci0000:00/0000:04:00.0/driver");
+    std::fs::remove_file(&link).expect("rm");
+    symlink("../../../bus/pci/drivers/e1000e", link).expect("ln");
+    let out = m.run(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&m, &out.stdout);
+    assert!(
+        report.contains("FAIL  cmdline             /proc/cmdline lacks intel_iommu=on"),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL  device              0000:04:00.0 is on e1000e"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_grub_cfg_without_the_arguments_fails() {
+    let m = healthy();
+    m.write(
+        "boot/grub/grub.cfg",
+        "\tlinux /boot/vmlinuz root=UUID=x ro quiet\n",
+    );
+    let out = m.run(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&m, &out.stdout).contains("FAIL  bootloader          grub.cfg has no boot entry"));
+}
+
+#[test]
+fn no_iommu_is_a_clear_diagnosis() {
+    let m = healthy();
+    std::fs::remove_file(m.path("sys/class/iommu/dmar0")).expect("rm");
+    m.write("dev/kmsg", "6,1,1,-;DMAR: IOMMU disabled\n");
+    let out = m.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let iommu = &v["checks"][0];
+    assert_eq!(iommu["id"], "iommu");
+    assert_eq!(iommu["verdict"], "fail");
+    assert!(iommu["fix"].as_str().is_some_and(|f| f.contains("VT-d")));
+}
+
+#[test]
+fn an_edited_config_is_flagged_until_applied() {
+    let m = healthy();
+    m.config(&format!("{GPU_AND_NIC}\n[kvm]\nignore_msrs = true\n"));
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert!(report.contains("WARN  applied"), "{report}");
+    assert_eq!(out.status.code(), Some(0), "a warning is not a failure");
+}
+
+#[test]
+fn a_boot_framebuffer_on_the_gpu_fails() {
+    let m = healthy();
+    m.write(
+        "proc/iomem",
+        "e0000000-efffffff : PCI Bus 0000:01\n  e0000000-efffffff : 0000:01:00.0\n    e0000000-e07fffff : BOOTFB\n",
+    );
+    let out = m.run(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&m, &out.stdout);
+    assert!(
+        report.contains("FAIL  framebuffer         BOOTFB still holds memory of 0000:01:00.0"),
+        "{report}"
+    );
+    assert!(report.contains("sysfb-off"), "{report}");
+}
+
+#[test]
+fn an_amd_gpu_without_device_specific_reset_gets_the_vendor_reset_hint() {
+    let m = FakeMachine::new();
+    m.add(
+        crate::fake::Dev::new("0000:03:00.0", "1002:67df", 0x030000)
+            .driver("vfio-pci")
+            .group(7),
+    );
+    m.write("sys/devices/pci0000:00/0000:03:00.0/reset_method", "bus\n");
+    m.config("[[device]]\nid = \"1002:67df\"\n");
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert!(report.contains("WARN  reset-method        0000:03:00.0 resets by `bus`; many AMD GPUs need vendor-reset"), "{report}");
+}
