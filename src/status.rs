@@ -145,9 +145,9 @@ pub fn run(inp: &Inputs) -> Report {
         Some(mf) => {
             let missing: Vec<&str> = mf.kernel_args.iter().filter(|t| !m.cmdline_has(t)).map(String::as_str).collect();
             if missing.is_empty() {
-                check("cmdline", Verdict::Pass, format!("/proc/cmdline has {}", if mf.kernel_args.is_empty() { "nothing to check".to_string() } else { mf.kernel_args.join(" ") }), None)
+                check("cmdline", Verdict::Pass, format!("the kernel command line has {}", if mf.kernel_args.is_empty() { "nothing to check".to_string() } else { mf.kernel_args.join(" ") }), None)
             } else {
-                check("cmdline", Verdict::Fail, format!("/proc/cmdline lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
+                check("cmdline", Verdict::Fail, format!("the kernel command line lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
             }
         }
     });

@@ -84,7 +84,7 @@ fn a_missing_argument_and_a_device_left_on_its_driver_fail() {
     assert_eq!(out.status.code(), Some(1));
     let report = text(&m, &out.stdout);
     assert!(
-        report.contains("FAIL  cmdline             /proc/cmdline lacks intel_iommu=on"),
+        report.contains("FAIL  cmdline             the kernel command line lacks intel_iommu=on"),
         "{report}"
     );
     assert!(
