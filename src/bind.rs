@@ -31,6 +31,15 @@ pub trait Sysfs {
     fn write(&mut self, rel: &Path, value: &str) -> io::Result<()>;
     /// Loads a kernel module; `Err` carries a message for the log.
     fn load_module(&mut self, name: &str) -> Result<(), String>;
+    /// Reads a binary attribute (such as `rom`), at most `limit` bytes.
+    fn read_bytes(&mut self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        io::Read::read_to_end(
+            &mut io::Read::take(std::fs::File::open(self.root().path(rel))?, limit),
+            &mut data,
+        )?;
+        Ok(data)
+    }
 }
 
 /// The real machine (or a chroot/fixture tree, where no module is loaded).

@@ -103,10 +103,26 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Option ROMs (VBIOS) for QEMU's romfile=.
+    #[command(subcommand)]
+    Rom(RomCmd),
     /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
     /// CPU vendor, mounts, the config) into one archive for a bug report.
     DebugDump {
         /// Where to write the archive (a gzip-compressed cpio).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RomCmd {
+    /// Dump a device's ROM to a file, checked (0x55AA, PCIR, vendor and
+    /// device), and print the QEMU and Proxmox lines that use it.
+    Dump {
+        /// The device, e.g. 0000:01:00.0 (see `vfio-early list`).
+        address: crate::pci::PciAddress,
+        /// Where to write the ROM.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
     },
@@ -291,6 +307,34 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             } else {
                 Status::Ok
             })
+        }
+        Cmd::Rom(RomCmd::Dump { address, output }) => {
+            let mut sys = bind::RealSysfs::new(root.clone());
+            let data = match crate::rom::read_rom(&mut sys, *address) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("vfio-early: error: {e}");
+                    return Ok(Status::Failed);
+                }
+            };
+            let info = match crate::rom::parse_rom(&data) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("vfio-early: error: the ROM of {address} is not usable: {e}; nothing written");
+                    return Ok(Status::Failed);
+                }
+            };
+            let dir = output
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = output
+                .file_name()
+                .ok_or_else(|| anyhow::anyhow!("{} has no file name", output.display()))?;
+            Root::new(dir).write_atomic(name, &data)?;
+            let expected = crate::pci::read_device(&root, *address).id;
+            print!("{}", crate::rom::render(*address, expected, &info, output));
+            Ok(Status::Ok)
         }
         Cmd::HookFiles { kernel } => {
             print!("{}", apply::render_hook_files(&root, kernel));

@@ -21,5 +21,6 @@ pub mod modprobe;
 pub mod paths;
 pub mod pci;
 pub mod plan;
+pub mod rom;
 pub mod root;
 pub mod status;

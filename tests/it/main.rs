@@ -8,5 +8,6 @@ mod bind;
 mod cli;
 mod config_errors;
 mod fake;
+mod rom;
 mod status;
 mod tidy;
