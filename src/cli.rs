@@ -80,6 +80,10 @@ pub enum Cmd {
         /// Apply even when an interlock objects (boot disk, only display, bridges).
         #[arg(long)]
         force: bool,
+        /// Do nothing unless the config has device entries or an earlier apply
+        /// left files (used by the package's postinst).
+        #[arg(long)]
+        if_configured: bool,
     },
     /// Remove every file apply wrote, take its tokens out of /etc/kernel/cmdline,
     /// and regenerate: the system returns to how it was before apply.
@@ -246,7 +250,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 Status::Ok
             })
         }
-        Cmd::Apply { dry_run, force } => {
+        Cmd::Apply {
+            dry_run,
+            force,
+            if_configured,
+        } => {
             let text = match std::fs::read(&cfg_path) {
                 Ok(b) => String::from_utf8_lossy(&b).into_owned(),
                 Err(_) => String::new(),
@@ -259,6 +267,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                     return Ok(Status::Usage);
                 }
             };
+            if *if_configured && config.devices.is_empty() && apply::read_manifest(&root)?.is_none()
+            {
+                println!("no device configured and nothing applied before: nothing to do");
+                return Ok(Status::Ok);
+            }
             let machine = machine::discover(&root);
             let plan = plan::plan(&config, &machine, plan::Options { force: *force });
             eprint!("{}", list::render_problems(&plan.problems));

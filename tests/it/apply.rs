@@ -406,3 +406,23 @@ fn grub_dropin_never_aborts_grub_mkconfig_under_sh_e() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expect);
     }
 }
+
+#[test]
+fn if_configured_does_nothing_on_the_shipped_config() {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.write(
+        "etc/vfio-early.toml",
+        include_str!("../../etc/vfio-early.toml"),
+    );
+    let before = m.tree();
+    let out = m.run(&["apply", "--if-configured"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&m, &out.stdout).contains("nothing to do"));
+    assert_eq!(before, m.tree());
+    // With devices it applies as usual.
+    m.config(GPU_AND_NIC);
+    let out = m.run(&["apply", "--if-configured"]);
+    assert!(text(&m, &out.stdout).contains("wrote /etc/modprobe.d/vfio-early.conf"));
+}

@@ -2,6 +2,8 @@
 //! through xshell (with `timeout` where they could hang), so CI steps run the same way
 //! locally.
 
+mod codegen;
+mod deb;
 mod demo;
 mod test;
 mod tools;
@@ -20,6 +22,19 @@ struct Cli {
 enum Task {
     /// Run every test: formatting, lints, shellcheck, unit and integration tests.
     Test,
+    /// Regenerate man pages and shell completion from the code.
+    Codegen {
+        /// Fail if a generated file differs instead of writing it.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build target/debian/vfio-early_<version>_amd64.deb (dpkg-buildpackage,
+    /// lintian clean).
+    Deb {
+        /// Override the package version (for upgrade tests).
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Show vfio-early at work.
     Demo {
         /// On a fake machine tree instead of a booted VM.
@@ -34,6 +49,8 @@ fn main() -> anyhow::Result<()> {
     sh.change_dir(project_root());
     match cli.task {
         Task::Test => test::run(&sh),
+        Task::Codegen { check } => codegen::run(check),
+        Task::Deb { version } => deb::build(&sh, version.as_deref()).map(|_| ()),
         Task::Demo { fake: _ } => demo::run_fake(&sh),
     }
 }

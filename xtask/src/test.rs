@@ -19,6 +19,8 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
         "cargo clippy --workspace --all-targets --quiet -- -D warnings"
     )
     .run()?;
+    step("generated files current");
+    crate::codegen::run(true)?;
     step("shellcheck");
     let scripts = shell_scripts(sh)?;
     if scripts.is_empty() {
