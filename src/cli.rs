@@ -231,7 +231,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 }
             };
             let machine = machine::discover(&root);
-            let plan = plan::plan(&config, &machine, plan::Options { force: *force });
+            let opts = plan::Options {
+                force: *force,
+                live: true,
+            };
+            let plan = plan::plan(&config, &machine, opts);
             if plan.has_errors() {
                 eprint!("{}", list::render_problems(&plan.problems));
                 eprintln!("vfio-early: nothing was changed");
@@ -273,7 +277,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 return Ok(Status::Ok);
             }
             let machine = machine::discover(&root);
-            let plan = plan::plan(&config, &machine, plan::Options { force: *force });
+            let plan = plan::plan(
+                &config,
+                &machine,
+                plan::Options {
+                    force: *force,
+                    live: false,
+                },
+            );
             eprint!("{}", list::render_problems(&plan.problems));
             if plan.has_errors() {
                 eprintln!("vfio-early: nothing was written");
@@ -300,7 +311,14 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             };
             let machine = machine::discover(&root);
             // Forced: status reports on what the applied config takes at boot.
-            let plan = plan::plan(&config, &machine, plan::Options { force: true });
+            let plan = plan::plan(
+                &config,
+                &machine,
+                plan::Options {
+                    force: true,
+                    live: false,
+                },
+            );
             let kernel_log = crate::kmsg::read_log(&root);
             let report = crate::status::run(&crate::status::Inputs {
                 root: &root,
@@ -424,7 +442,11 @@ pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
     let machine = machine::discover(root);
     // `apply` is the gate for interlocks (it refuses to build an image with a refused
     // device unless forced), so the early binder takes what the applied config selects.
-    let plan = plan::plan(&config, &machine, plan::Options { force: true });
+    let opts = plan::Options {
+        force: true,
+        live: true,
+    };
+    let plan = plan::plan(&config, &machine, opts);
     for p in &plan.problems {
         log.warn(&p.message);
     }

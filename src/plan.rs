@@ -93,6 +93,12 @@ impl Plan {
 pub struct Options {
     /// Override interlocks (`--force`).
     pub force: bool,
+    /// The plan is for binding now (`bind`, `bind --early`), not for writing boot
+    /// configuration: without an active IOMMU vfio-pci cannot take a device (its probe
+    /// fails and the device would be left with no driver at all), so nothing is taken,
+    /// whatever `force` says. `apply` leaves this off: before the first reboot with the
+    /// new command line the IOMMU is usually still off.
+    pub live: bool,
 }
 
 /// Makes the plan. See the module documentation.
@@ -104,10 +110,33 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
         select_for_entry(i + 1, entry, machine, &mut selected, &mut plan.problems);
     }
 
+    let no_iommu = opts.live && machine.iommu_units.is_empty() && !selected.is_empty();
+    if no_iommu {
+        plan.problems.push(Problem {
+            severity: Severity::Warning,
+            message: "no IOMMU is active on this boot, so vfio-pci cannot take devices; \
+                      every selected device stays on its driver"
+                .to_string(),
+            fix: "enable VT-d / AMD-Vi (IOMMU) in the firmware setup, run `vfio-early apply` \
+                  for the kernel arguments, reboot, and see `vfio-early status`"
+                .to_string(),
+        });
+    }
     for (address, (entry, rule)) in selected {
         let Some(device) = machine.device(address) else {
             continue;
         };
+        if no_iommu {
+            plan.decisions.push(Decision {
+                address,
+                id: device.id,
+                verdict: Verdict::Refuse,
+                entry,
+                rule,
+                interlock: Some("needs an active IOMMU".to_string()),
+            });
+            continue;
+        }
         let interlock = interlock_for(device, machine, &config.devices);
         let verdict = match (&interlock, opts.force) {
             (None, _) => Verdict::Take,

@@ -267,3 +267,23 @@ fn a_fresh_tree_without_pci_lists_nothing() {
     assert!(text(&m, &out.stdout).contains("no PCI devices"));
     let _ = Dev::new("0000:00:00.0", "8086:0000", 0);
 }
+
+#[test]
+fn without_an_iommu_bind_leaves_every_device_on_its_driver() {
+    // vfio-pci cannot take a device without an IOMMU; binding anyway would leave the
+    // NIC with no driver at all.
+    let m = workstation();
+    std::fs::remove_file(m.path("sys/class/iommu/dmar0")).expect("rm");
+    m.config("[[device]]\nid = \"8086:10d3\"\naddress = \"04:00.0\"\n");
+    for args in [&["bind"][..], &["bind", "--early"][..]] {
+        let out = m.run(args);
+        let err = text(&m, &out.stderr);
+        assert!(err.contains("no IOMMU is active"), "{args:?}: {err}");
+        assert_eq!(
+            m.read("sys/devices/pci0000:00/0000:04:00.0/driver_override"),
+            "(null)\n",
+            "{args:?}"
+        );
+        assert_eq!(m.driver_of("0000:04:00.0").as_deref(), Some("e1000e"));
+    }
+}

@@ -154,6 +154,15 @@ impl FakeMachine {
             .expect("symlink");
         }
         if let Some(g) = dev.group {
+            // IOMMU groups exist only when an IOMMU unit is registered.
+            if fs::symlink_metadata(self.path("sys/class/iommu/dmar0")).is_err() {
+                fs::create_dir_all(self.path("sys/class/iommu")).expect("mkdir");
+                symlink(
+                    "../../devices/virtual/iommu/dmar0",
+                    self.path("sys/class/iommu/dmar0"),
+                )
+                .expect("symlink");
+            }
             let gdir = format!("sys/kernel/iommu_groups/{g}/devices");
             fs::create_dir_all(self.path(&gdir)).expect("mkdir");
             symlink(

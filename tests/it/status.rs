@@ -20,12 +20,7 @@ fn healthy() -> FakeMachine {
         "proc/cmdline",
         "BOOT_IMAGE=/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet intel_iommu=on iommu=pt\n",
     );
-    std::fs::create_dir_all(m.path("sys/class/iommu")).expect("mkdir");
-    symlink(
-        "../../devices/virtual/iommu/dmar0",
-        m.path("sys/class/iommu/dmar0"),
-    )
-    .expect("ln");
+    // `sys/class/iommu/dmar0` comes with the fake machine's IOMMU groups.
     m.write(
         "dev/kmsg",
         "6,100,1000,-;DMAR: IOMMU enabled\n\
