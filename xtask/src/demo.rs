@@ -1,4 +1,5 @@
-//! `cargo xtask demo --fake`: the tool on a fake machine (tests/fixtures/workstation):
+//! `cargo xtask demo`: the demo VM (scenario 4, booted for real); `--fake`: the tool on
+//! a fake machine (tests/fixtures/workstation):
 //! `list`, `check`, then `bind`, which shows exactly what it would write.
 
 use xshell::{cmd, Shell};
@@ -18,3 +19,30 @@ pub fn run_fake(sh: &Shell) -> anyhow::Result<()> {
     let _ = cmd!(sh, "{bin} --root {root_s} bind").ignore_status().run();
     Ok(())
 }
+
+/// The main job: scenario 4 (a GPU and its audio function) booted for real, and what
+/// `vfio-early list` and `status` printed inside the guest.
+pub fn run(sh: &Shell, project: &std::path::Path) -> anyhow::Result<()> {
+    let path = project.join(DEMO_SCENARIO);
+    let s = crate::scenario::load(&path)?;
+    eprintln!("demo: {}", s.description);
+    let runs = crate::boot_test::run_scenarios(sh, project, &[s], 1, false)?;
+    let run = runs
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("the demo scenario did not run"))?;
+    for (title, section) in [("vfio-early list", "list"), ("vfio-early status", "status")] {
+        let (text, _) = run.report.with_exit(section);
+        println!("\n(guest) # {title}\n{text}");
+    }
+    if !run.failures.is_empty() {
+        anyhow::bail!(
+            "the demo VM did not show what it should; logs in {}",
+            run.dir.display()
+        );
+    }
+    println!("\nThe GPU at 00:05.0 and its audio function at 00:05.1 are on vfio-pci;");
+    println!("the boot display at 00:01.0 kept its driver.");
+    Ok(())
+}
+
+const DEMO_SCENARIO: &str = "tests/boot/scenarios/04-gpu-with-audio.toml";

@@ -2,9 +2,14 @@
 //! through xshell (with `timeout` where they could hang), so CI steps run the same way
 //! locally.
 
+mod boot_test;
 mod codegen;
 mod deb;
+mod deb_test;
 mod demo;
+mod image;
+mod qemu;
+mod scenario;
 mod test;
 mod tools;
 
@@ -20,8 +25,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Run every test: formatting, lints, shellcheck, unit and integration tests.
-    Test,
+    /// Run every test: formatting, lints, shellcheck, unit and integration tests,
+    /// the package life cycle in a chroot and every boot scenario.
+    Test {
+        /// Stop after the unit and integration tests (no chroot, no VM).
+        #[arg(long)]
+        no_boot: bool,
+    },
+    /// The package's life cycle in a Debian 12 chroot: install, apply, upgrade,
+    /// remove, purge; then the CLI tests against the installed binary.
+    DebTest,
     /// Regenerate man pages and shell completion from the code.
     Codegen {
         /// Fail if a generated file differs instead of writing it.
@@ -35,11 +48,25 @@ enum Task {
         #[arg(long)]
         version: Option<String>,
     },
-    /// Show vfio-early at work.
+    /// Show vfio-early at work: boots a VM whose emulated GPU and its audio
+    /// function come up on vfio-pci, and prints `list` and `status` from inside it.
     Demo {
-        /// On a fake machine tree instead of a booted VM.
+        /// On a fake machine tree instead of a booted VM (no root, no download).
         #[arg(long)]
         fake: bool,
+    },
+    /// Boot every scenario of tests/boot/scenarios/ in QEMU and check the guest's
+    /// report (real Debian images, the real package; TCG; a few minutes).
+    BootTest {
+        /// Run only these scenario files (any path); repeatable.
+        #[arg(long, value_name = "FILE")]
+        scenario: Vec<std::path::PathBuf>,
+        /// Guests booted at once (each takes 1 GiB and a core).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Keep every scenario's disk image under target/boot-test/.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -48,10 +75,25 @@ fn main() -> anyhow::Result<()> {
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
     match cli.task {
-        Task::Test => test::run(&sh),
+        Task::Test { no_boot } => test::run(&sh, &project_root(), no_boot),
+        Task::DebTest => deb_test::run(&sh, &project_root()),
         Task::Codegen { check } => codegen::run(check),
         Task::Deb { version } => deb::build(&sh, version.as_deref()).map(|_| ()),
-        Task::Demo { fake: _ } => demo::run_fake(&sh),
+        Task::Demo { fake: true } => demo::run_fake(&sh),
+        Task::Demo { fake: false } => demo::run(&sh, &project_root()),
+        Task::BootTest {
+            scenario,
+            jobs,
+            keep,
+        } => boot_test::run(
+            &sh,
+            &project_root(),
+            boot_test::Options {
+                scenarios: scenario,
+                jobs,
+                keep,
+            },
+        ),
     }
 }
 

@@ -1,13 +1,15 @@
 //! `cargo xtask test`: every check CI runs, in the order that fails fastest: formatting,
-//! lints, shellcheck on every shell script, then the unit and integration tests with
-//! snapshots checked (no pending, no unreferenced snapshot).
+//! lints, shellcheck on every shell script, the unit and integration tests with
+//! snapshots checked (no pending, no unreferenced snapshot), then the package's life
+//! cycle in a chroot (`deb-test`) and every boot scenario (`boot-test`).
+//! `--no-boot` stops before the last two, and says so.
 
 use anyhow::Context;
 use xshell::{cmd, Shell};
 
 use crate::tools;
 
-pub fn run(sh: &Shell) -> anyhow::Result<()> {
+pub fn run(sh: &Shell, project: &std::path::Path, no_boot: bool) -> anyhow::Result<()> {
     tools::ensure_apt(sh, &[("shellcheck", "shellcheck")])?;
     tools::ensure_cargo_tool(sh, "cargo-insta", "cargo-insta")?;
 
@@ -36,7 +38,25 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
     )
     .run()
     .context("tests failed")?;
-    Ok(())
+    if no_boot {
+        eprintln!(
+            "xtask: SKIPPED deb-test and boot-test (--no-boot): the package life cycle \
+             and the boot scenarios were not run"
+        );
+        return Ok(());
+    }
+    step("deb-test: the package in a Debian 12 chroot");
+    crate::deb_test::run(sh, project)?;
+    step("boot-test: every scenario booted in QEMU");
+    crate::boot_test::run(
+        sh,
+        project,
+        crate::boot_test::Options {
+            scenarios: Vec::new(),
+            jobs: 2,
+            keep: false,
+        },
+    )
 }
 
 fn step(name: &str) {

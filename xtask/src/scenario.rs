@@ -1,0 +1,165 @@
+//! Boot scenarios: one TOML file per behaviour under `tests/boot/scenarios/`, parsed
+//! strictly (unknown keys are errors) so a typo cannot turn an expectation off.
+//! The format is documented in README.md ("Boot scenarios").
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distro {
+    Bookworm,
+    Trixie,
+}
+
+impl Distro {
+    pub fn name(self) -> &'static str {
+        match self {
+            Distro::Bookworm => "bookworm",
+            Distro::Trixie => "trixie",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    InitramfsTools,
+    Dracut,
+}
+
+impl Generator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::InitramfsTools => "initramfs-tools",
+            Generator::Dracut => "dracut",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Iommu {
+    Intel,
+    Amd,
+    None,
+}
+
+/// Where `vfio-early apply` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyIn {
+    /// In the image before the boot (the usual case: the boot proves what apply made).
+    #[default]
+    Image,
+    /// In the booted guest, by the probe (for refusals that need the guest's own devices).
+    Guest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub description: String,
+    pub distro: Distro,
+    pub generator: Generator,
+    pub iommu: Iommu,
+    /// QEMU `-device` strings; pin each with `addr=` (the AMD IOMMU takes a slot).
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Extra QEMU arguments (e.g. `-vga none`).
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+    /// Shell run in the image (chroot) after the package is installed, before apply.
+    #[serde(default)]
+    pub setup: Option<String>,
+    #[serde(default)]
+    pub apply_in: ApplyIn,
+    /// The text of `/etc/vfio-early.toml`.
+    pub config: String,
+    pub expect: Expect,
+    /// Filled in by `load`.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Exit status of `vfio-early apply` (in the image or the guest).
+    #[serde(default)]
+    pub apply_exit: i32,
+    /// Substrings of apply's output.
+    #[serde(default)]
+    pub apply_output: Vec<String>,
+    /// PCI address → `vfio-pci`, a driver name, `none`, or `not vfio-pci`.
+    #[serde(default)]
+    pub drivers: BTreeMap<String, String>,
+    /// Status check → verdict (`pass`, `warn`, `fail`); per-device checks as
+    /// `"device 0000:00:05.0"`.
+    #[serde(default)]
+    pub status: BTreeMap<String, String>,
+    /// Overall status verdict.
+    #[serde(default)]
+    pub status_verdict: Option<String>,
+    /// Tokens that must be on `/proc/cmdline`.
+    #[serde(default)]
+    pub cmdline: Vec<String>,
+    /// Tokens that must not be on `/proc/cmdline`.
+    #[serde(default)]
+    pub cmdline_absent: Vec<String>,
+    /// Substrings that must appear in the kernel log lines the probe collected.
+    #[serde(default)]
+    pub kmsg: Vec<String>,
+    /// Substrings of `vfio-early status` (human output).
+    #[serde(default)]
+    pub status_output: Vec<String>,
+    /// Modules that must be loaded in the booted guest.
+    #[serde(default)]
+    pub modules_loaded: Vec<String>,
+    /// With `apply_in = "guest"`: no file of apply's may exist after it ran.
+    #[serde(default)]
+    pub guest_files_absent: bool,
+    /// Whether `/dev/vfio/` holds a group node.
+    #[serde(default)]
+    pub vfio_group_nodes: Option<bool>,
+}
+
+impl Scenario {
+    pub fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "scenario".into())
+    }
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut s: Scenario =
+        toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
+    s.path = path.to_path_buf();
+    for d in &s.devices {
+        if !d.contains("addr=") {
+            bail!(
+                "scenario {}: device `{d}` has no addr=; pin every device (the AMD IOMMU takes a slot)",
+                path.display()
+            );
+        }
+    }
+    Ok(s)
+}
+
+/// Every scenario file in `dir`, sorted by name.
+pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| load(p)).collect()
+}
