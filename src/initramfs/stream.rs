@@ -413,11 +413,15 @@ impl<R: Read> Archives<'_, R> {
                     ),
                 });
             }
-            if nb[namesize - 1] != 0 {
+            // The first NUL must be the last byte of the name: anywhere else, the name
+            // size lies (the kernel would read a shorter name and lose its place).
+            let nul = nb[..namesize].iter().position(|&b| b == 0);
+            if nul != Some(namesize - 1) {
+                let at = nul.unwrap_or(namesize - 1) as u64;
                 return Err(InitramfsError::Corrupt {
-                    at: base.loc(name_pos + namesize as u64 - 1),
+                    at: base.loc(name_pos + at),
                     problem: format!(
-                        "the name of the entry at {} does not end with a NUL byte \
+                        "the name of the entry at {} does not end with its only NUL byte \
                          (a wrong name size)",
                         base.loc(pos)
                     ),
@@ -468,5 +472,287 @@ impl<R: Read> Archives<'_, R> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testimg::{self, Cpio};
+    use super::*;
+
+    fn names(image: &[u8]) -> Result<Vec<String>, InitramfsError> {
+        let mut out = Vec::new();
+        walk(image, |e| {
+            out.push(String::from_utf8_lossy(e.name).into_owned());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn segments(image: &[u8]) -> Vec<Segment> {
+        walk(image, |_| Ok(())).expect("walk")
+    }
+
+    fn small() -> Vec<u8> {
+        Cpio::newc()
+            .dir(".")
+            .dir("etc")
+            .file("etc/vfio-early.toml", b"[[device]]\n")
+            .symlink("sbin", "usr/sbin")
+            .finish()
+    }
+
+    const SMALL: [&str; 4] = [".", "etc", "etc/vfio-early.toml", "sbin"];
+
+    #[test]
+    fn reads_newc_crc_gzip_and_zstd() {
+        let crc = Cpio::crc()
+            .dir(".")
+            .dir("etc")
+            .file("etc/vfio-early.toml", b"x")
+            .symlink("sbin", "usr/sbin")
+            .finish();
+        assert_eq!(names(&small()).unwrap(), SMALL);
+        assert_eq!(names(&crc).unwrap(), SMALL);
+        assert_eq!(names(&testimg::gzip(&small())).unwrap(), SMALL);
+        assert_eq!(names(&testimg::zstd(&small())).unwrap(), SMALL);
+        let s = segments(&testimg::zstd(&small()));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].compression, Compression::Zstd);
+        assert_eq!(s[0].entries, 4);
+        assert_eq!(s[0].unpacked, small().len() as u64);
+    }
+
+    #[test]
+    fn multi_segment_with_padding() {
+        let early = Cpio::newc()
+            .file("kernel/x86/microcode/GenuineIntel.bin", b"uc")
+            .finish();
+        let mut image = early.clone();
+        image.extend_from_slice(&[0; 1024]);
+        image.extend_from_slice(&early);
+        let gz_at = image.len() as u64;
+        image.extend_from_slice(&testimg::gzip(&small()));
+        image.extend_from_slice(&[0; 4]);
+        let zst_at = image.len() as u64;
+        // Two archives with zero padding between them inside one compressed stream.
+        let mut two = small();
+        two.extend_from_slice(&[0; 512]);
+        two.extend_from_slice(&Cpio::newc().file("second", b"").finish());
+        image.extend_from_slice(&testimg::zstd(&two));
+        let s = segments(&image);
+        let shape: Vec<_> = s
+            .iter()
+            .map(|s| (s.offset, s.compression, s.entries, s.archives))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, Compression::None, 1, 1),
+                (early.len() as u64 + 1024, Compression::None, 1, 1),
+                (gz_at, Compression::Gzip, 4, 1),
+                (zst_at, Compression::Zstd, 5, 2),
+            ]
+        );
+        assert_eq!(
+            names(&image).unwrap().last().map(String::as_str),
+            Some("second")
+        );
+    }
+
+    #[test]
+    fn hardlinks_and_symlinks_keep_their_types() {
+        let image = Cpio::newc()
+            .hardlinks(&["bin/busybox", "bin/sh", "bin/ls"], b"ELF")
+            .symlink("lib", "usr/lib")
+            .finish();
+        let mut seen = Vec::new();
+        walk(&image[..], |e| {
+            seen.push((
+                String::from_utf8_lossy(e.name).into_owned(),
+                e.header.ino,
+                e.header.nlink,
+                e.header.filesize,
+                e.is_symlink(),
+                e.is_file(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                ("bin/busybox".into(), 1, 3, 0, false, true),
+                ("bin/sh".into(), 1, 3, 0, false, true),
+                ("bin/ls".into(), 1, 3, 3, false, true),
+                ("lib".into(), 2, 1, 7, true, false),
+            ]
+        );
+    }
+
+    /// Every cut before the end of the last trailer must fail with an offset inside the
+    /// cut image, and never panic.
+    fn assert_cuts_fail(image: &[u8], cuts: std::ops::Range<usize>) {
+        for cut in cuts {
+            match walk(&image[..cut], |_| Ok(())) {
+                Ok(s) => panic!("cut at {cut} of {} read as {s:?}", image.len()),
+                Err(InitramfsError::Empty) => assert!(image[..cut].iter().all(|&b| b == 0)),
+                Err(e) => {
+                    let off = e.offset().unwrap_or_else(|| panic!("no offset: {e}"));
+                    if !matches!(e, InitramfsError::Decompress { .. }) {
+                        assert!(off <= cut as u64, "cut {cut}: {e}");
+                    }
+                    assert!(e.to_string().contains("byte "), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error_with_an_offset() {
+        let plain = small();
+        // The 512-byte block padding after the trailer may be cut: the kernel needs none.
+        let trailer_end = segments(&plain)[0].size as usize;
+        assert!(trailer_end < plain.len());
+        assert_cuts_fail(&plain, 0..trailer_end);
+        let gz = testimg::gzip(&plain);
+        assert_cuts_fail(&gz, 0..gz.len());
+        let zst = testimg::zstd(&plain);
+        assert_cuts_fail(&zst, 0..zst.len());
+        let mut two = plain.clone();
+        two.extend_from_slice(&zst);
+        assert_cuts_fail(&two, plain.len() + 1..two.len());
+    }
+
+    #[test]
+    fn lying_sizes_name_the_offset() {
+        // filesize beyond the end.
+        let mut image = Cpio::newc().file("a", b"data").finish();
+        image[54..62].copy_from_slice(b"00100000");
+        let e = names(&image).unwrap_err();
+        assert!(matches!(e, InitramfsError::Truncated { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("\"a\" (entry at byte 0) declares 1048576 bytes"),
+            "{e}"
+        );
+        // namesize too large: the NUL is not where it says.
+        let mut image = Cpio::newc().file("abc", b"data").finish();
+        image[94..102].copy_from_slice(b"00000006");
+        let e = names(&image).unwrap_err();
+        assert_eq!(e.offset(), Some(113), "{e}");
+        assert!(e.to_string().contains("NUL"), "{e}");
+        // namesize beyond the end of the stream.
+        let mut image = Cpio::newc().file("abc", b"").to_owned().finish();
+        image.truncate(116);
+        image[94..102].copy_from_slice(b"00000FFF");
+        let e = names(&image).unwrap_err();
+        assert!(matches!(e, InitramfsError::Truncated { .. }), "{e}");
+        // bad hex, in a compressed segment: the offset adds the segment's.
+        let mut inner = Cpio::newc().file("abc", b"").finish();
+        inner[14..15].copy_from_slice(b"x");
+        let mut image = Cpio::newc().file("early", b"").finish();
+        let at = image.len() as u64;
+        image.extend_from_slice(&testimg::gzip(&inner));
+        let e = names(&image).unwrap_err();
+        assert_eq!(e.offset(), Some(at + 14));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "byte {} (byte 14 of the gzip segment at byte {at}): the mode field is not \
+                 hexadecimal (\"x00081A4\")",
+                at + 14
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_and_unsupported_formats_are_named_with_their_offset() {
+        let early = Cpio::newc().file("early", b"").finish();
+        for (magic, name) in [
+            (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz"),
+            (&[0x04, 0x22, 0x4d, 0x18, 0, 0], "lz4"),
+            (b"BZh91AY", "bzip2"),
+            (&[0x5d, 0, 0, 0x80, 0, 0], "lzma"),
+            (&[0x89, b'L', b'Z', b'O', 0, 0x0d], "lzo"),
+        ] {
+            let mut image = early.clone();
+            image.extend_from_slice(magic);
+            image.extend_from_slice(&[1; 64]);
+            let e = names(&image).unwrap_err();
+            assert!(matches!(e, InitramfsError::Unsupported { .. }), "{e}");
+            assert_eq!(e.offset(), Some(early.len() as u64));
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("byte {}: a {name}-compressed", early.len())),
+                "{e}"
+            );
+        }
+        let e = names(b"hello world").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "byte 0: neither a cpio archive nor a known compression (starts with 0x68656c6c6f20)"
+        );
+        assert!(matches!(names(b"").unwrap_err(), InitramfsError::Empty));
+        assert!(matches!(
+            names(&[0; 100]).unwrap_err(),
+            InitramfsError::Empty
+        ));
+        // Garbage after a trailer inside a compressed stream.
+        let mut inner = small();
+        inner.extend_from_slice(b"junk");
+        let e = names(&testimg::zstd(&inner)).unwrap_err();
+        assert_eq!(e.offset(), Some(small().len() as u64), "{e}");
+    }
+
+    #[test]
+    fn mutated_images_never_panic() {
+        // A deterministic miniature of `cargo xtask fuzz`: flip bytes, cut, splice.
+        let seeds = [
+            small(),
+            testimg::gzip(&small()),
+            testimg::zstd(&small()),
+            testimg::debian_like("6.1.0-18-amd64", testimg::zstd),
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for seed in &seeds {
+            for _ in 0..300 {
+                let mut m = seed.clone();
+                for _ in 0..(next() % 4 + 1) {
+                    let i = (next() as usize) % m.len();
+                    m[i] = next() as u8;
+                }
+                let _ = walk(&m[..], |_| Ok(()));
+            }
+        }
+    }
+
+    #[test]
+    fn visitor_errors_stop_the_walk() {
+        let e = walk(&small()[..], |_| {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        })
+        .unwrap_err();
+        assert!(super::super::list::is_broken_pipe(&e));
+    }
+
+    #[test]
+    fn input_refills_across_the_buffer_edge() {
+        // A tiny buffer forces every header and name across a refill.
+        let image = small();
+        let mut input = Input::new(&image[..], 7);
+        let got = input.ensure(5).unwrap().to_vec();
+        assert_eq!(got, &image[..got.len()]);
+        input.advance(3);
+        assert_eq!(input.ensure(7).unwrap(), &image[3..10]);
+        assert_eq!(input.skip(1000).unwrap(), 1000);
+        assert_eq!(input.pos(), 1003);
+        assert_eq!(input.skip(u64::MAX).unwrap(), image.len() as u64 - 1003);
     }
 }
