@@ -71,11 +71,20 @@ pub enum InitramfsError {
     Corrupt { at: Location, problem: String },
     #[error("{at}: the image ends early: {what}")]
     Truncated { at: Location, what: String },
-    #[error("{at}: the {} data is corrupt: {source}", at.compression)]
-    Decompress { at: Location, source: io::Error },
     #[error(
-        "byte {offset}: a {format}-compressed segment; vfio-early reads uncompressed, gzip \
-         and zstd segments only (rebuild the image with COMPRESS=zstd or gzip, or unpack it \
+        "{at}: the {} data is corrupt or cut short (the decoder had read the file up to \
+         byte {read_to}): {source}",
+        at.compression
+    )]
+    Decompress {
+        at: Location,
+        /// How far into the image file the decoder had read.
+        read_to: u64,
+        source: io::Error,
+    },
+    #[error(
+        "byte {offset}: the segment is {format}-compressed; vfio-early reads only \
+         uncompressed, gzip and zstd segments (rebuild the image with COMPRESS=zstd or gzip, or unpack it \
          with `{} -dc`)",
         format.tool()
     )]

@@ -231,11 +231,11 @@ pub fn walk<R: Read>(
                     },
                     one_archive: true,
                 };
-                cpio.parse(&mut visit)?
+                cpio.parse(&mut visit)
             }
             Compression::Gzip => {
                 let decoder = flate2::bufread::GzDecoder::new(&mut outer);
-                parse_unpacked(decoder, offset, compression, &mut visit)?
+                parse_unpacked(decoder, offset, compression, &mut visit)
             }
             Compression::Zstd => {
                 let decoder = zstd::stream::read::Decoder::with_buffer(&mut outer)
@@ -245,13 +245,23 @@ pub fn walk<R: Read>(
                             compression,
                             unpacked: 0,
                         },
+                        read_to: offset,
                         source,
                     })?
                     .single_frame();
-                parse_unpacked(decoder, offset, compression, &mut visit)?
+                parse_unpacked(decoder, offset, compression, &mut visit)
             }
             format => return Err(InitramfsError::Unsupported { offset, format }),
         };
+        // The decoder has let go of `outer`: say how far it had read.
+        let stats = stats.map_err(|e| match e {
+            InitramfsError::Decompress { at, source, .. } => InitramfsError::Decompress {
+                at,
+                read_to: outer.pos(),
+                source,
+            },
+            other => other,
+        })?;
         segments.push(Segment {
             offset,
             size: outer.pos() - offset,
@@ -320,6 +330,7 @@ impl Base {
         } else {
             InitramfsError::Decompress {
                 at: self.loc(pos),
+                read_to: 0,
                 source,
             }
         }
@@ -683,8 +694,10 @@ mod tests {
             assert!(matches!(e, InitramfsError::Unsupported { .. }), "{e}");
             assert_eq!(e.offset(), Some(early.len() as u64));
             assert!(
-                e.to_string()
-                    .starts_with(&format!("byte {}: a {name}-compressed", early.len())),
+                e.to_string().starts_with(&format!(
+                    "byte {}: the segment is {name}-compressed",
+                    early.len()
+                )),
                 "{e}"
             );
         }
