@@ -5,6 +5,7 @@
 mod codegen;
 mod deb;
 mod demo;
+mod fuzz;
 mod test;
 mod tools;
 
@@ -35,6 +36,19 @@ enum Task {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Bounded mutation fuzzing (stable Rust) of the initramfs reader and the
+    /// config parser; crashing inputs are saved under target/fuzz/.
+    Fuzz {
+        /// Total time budget, split between the two targets.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop each target after this many inputs.
+        #[arg(long, default_value_t = u64::MAX)]
+        iterations: u64,
+        /// Seed of the mutation sequence (same seed, same inputs).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Show vfio-early at work.
     Demo {
         /// On a fake machine tree instead of a booted VM.
@@ -51,6 +65,11 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(&sh),
         Task::Codegen { check } => codegen::run(check),
         Task::Deb { version } => deb::build(&sh, version.as_deref()).map(|_| ()),
+        Task::Fuzz {
+            seconds,
+            iterations,
+            seed,
+        } => fuzz::run(&project_root(), seconds, iterations, seed),
         Task::Demo { fake: _ } => demo::run_fake(&sh),
     }
 }
