@@ -173,7 +173,7 @@ pub fn run(root: &Path, seconds: u64, iterations: u64, seed: u64) -> anyhow::Res
                 crashes.push(p);
             }
             n += 1;
-            if n % 20_000 == 0 {
+            if n.is_multiple_of(20_000) {
                 eprintln!("xtask: fuzz: {target}: {n} inputs, {:.0?}", start.elapsed());
             }
         }
