@@ -2,6 +2,7 @@
 //! through xshell (with `timeout` where they could hang), so CI steps run the same way
 //! locally.
 
+mod bench;
 mod codegen;
 mod deb;
 mod demo;
@@ -36,6 +37,13 @@ enum Task {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Time `initramfs list` against 3cpio, lsinitramfs and the bare
+    /// decompressors on a ~400 MB kernel-tree image (in target/bench/).
+    Bench {
+        /// Runs per command; the best is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
     /// Bounded mutation fuzzing (stable Rust) of the initramfs reader and the
     /// config parser; crashing inputs are saved under target/fuzz/.
     Fuzz {
@@ -65,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(&sh),
         Task::Codegen { check } => codegen::run(check),
         Task::Deb { version } => deb::build(&sh, version.as_deref()).map(|_| ()),
+        Task::Bench { runs } => bench::run(&sh, &project_root(), runs),
         Task::Fuzz {
             seconds,
             iterations,
