@@ -34,6 +34,9 @@ _vfio__early() {
             vfio__early,hook-files)
                 cmd="vfio__early__subcmd__hook__subcmd__files"
                 ;;
+            vfio__early,initramfs)
+                cmd="vfio__early__subcmd__initramfs"
+                ;;
             vfio__early,list)
                 cmd="vfio__early__subcmd__list"
                 ;;
@@ -64,6 +67,9 @@ _vfio__early() {
             vfio__early__subcmd__help,hook-files)
                 cmd="vfio__early__subcmd__help__subcmd__hook__subcmd__files"
                 ;;
+            vfio__early__subcmd__help,initramfs)
+                cmd="vfio__early__subcmd__help__subcmd__initramfs"
+                ;;
             vfio__early__subcmd__help,list)
                 cmd="vfio__early__subcmd__help__subcmd__list"
                 ;;
@@ -76,8 +82,41 @@ _vfio__early() {
             vfio__early__subcmd__help,undo)
                 cmd="vfio__early__subcmd__help__subcmd__undo"
                 ;;
+            vfio__early__subcmd__help__subcmd__initramfs,examine)
+                cmd="vfio__early__subcmd__help__subcmd__initramfs__subcmd__examine"
+                ;;
+            vfio__early__subcmd__help__subcmd__initramfs,list)
+                cmd="vfio__early__subcmd__help__subcmd__initramfs__subcmd__list"
+                ;;
+            vfio__early__subcmd__help__subcmd__initramfs,verify)
+                cmd="vfio__early__subcmd__help__subcmd__initramfs__subcmd__verify"
+                ;;
             vfio__early__subcmd__help__subcmd__rom,dump)
                 cmd="vfio__early__subcmd__help__subcmd__rom__subcmd__dump"
+                ;;
+            vfio__early__subcmd__initramfs,examine)
+                cmd="vfio__early__subcmd__initramfs__subcmd__examine"
+                ;;
+            vfio__early__subcmd__initramfs,help)
+                cmd="vfio__early__subcmd__initramfs__subcmd__help"
+                ;;
+            vfio__early__subcmd__initramfs,list)
+                cmd="vfio__early__subcmd__initramfs__subcmd__list"
+                ;;
+            vfio__early__subcmd__initramfs,verify)
+                cmd="vfio__early__subcmd__initramfs__subcmd__verify"
+                ;;
+            vfio__early__subcmd__initramfs__subcmd__help,examine)
+                cmd="vfio__early__subcmd__initramfs__subcmd__help__subcmd__examine"
+                ;;
+            vfio__early__subcmd__initramfs__subcmd__help,help)
+                cmd="vfio__early__subcmd__initramfs__subcmd__help__subcmd__help"
+                ;;
+            vfio__early__subcmd__initramfs__subcmd__help,list)
+                cmd="vfio__early__subcmd__initramfs__subcmd__help__subcmd__list"
+                ;;
+            vfio__early__subcmd__initramfs__subcmd__help,verify)
+                cmd="vfio__early__subcmd__initramfs__subcmd__help__subcmd__verify"
                 ;;
             vfio__early__subcmd__rom,dump)
                 cmd="vfio__early__subcmd__rom__subcmd__dump"
@@ -98,7 +137,7 @@ _vfio__early() {
 
     case "${cmd}" in
         vfio__early)
-            opts="-h -V --root --config --help --version list check bind apply undo hook-files status rom debug-dump help"
+            opts="-h -V --root --config --help --version list check bind apply undo hook-files status rom initramfs debug-dump help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -216,7 +255,7 @@ _vfio__early() {
             return 0
             ;;
         vfio__subcmd__early__subcmd__help)
-            opts="list check bind apply undo hook-files status rom debug-dump help"
+            opts="list check bind apply undo hook-files status rom initramfs debug-dump help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -313,6 +352,62 @@ _vfio__early() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        vfio__subcmd__early__subcmd__help__subcmd__initramfs)
+            opts="examine list verify"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__initramfs__subcmd__examine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__initramfs__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__initramfs__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         vfio__subcmd__early__subcmd__help__subcmd__list)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -386,6 +481,168 @@ _vfio__early() {
         vfio__subcmd__early__subcmd__hook__subcmd__files)
             opts="-h --kernel --root --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --kernel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs)
+            opts="-h --root --config --help examine list verify help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__examine)
+            opts="-h --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__help)
+            opts="examine list verify help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__help__subcmd__examine)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__help__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__list)
+            opts="-h --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__initramfs__subcmd__verify)
+            opts="-h --kernel --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

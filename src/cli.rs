@@ -110,6 +110,10 @@ pub enum Cmd {
     /// Option ROMs (VBIOS) for QEMU's romfile=.
     #[command(subcommand)]
     Rom(RomCmd),
+    /// Read an initramfs image: its segments, its paths, and whether it holds
+    /// what vfio-early needs at boot.
+    #[command(subcommand)]
+    Initramfs(InitramfsCmd),
     /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
     /// CPU vendor, mounts, the config) into one archive for a bug report.
     DebugDump {
@@ -129,6 +133,33 @@ pub enum RomCmd {
         /// Where to write the ROM.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InitramfsCmd {
+    /// The segments of an image: offset and size in the file, compression,
+    /// unpacked size, entries. Exit 2 when the image cannot be read.
+    Examine {
+        /// The image, e.g. /boot/initrd.img-6.1.0-18-amd64.
+        image: PathBuf,
+    },
+    /// Every path in an image, one per line, as stored (like lsinitramfs).
+    /// Exit 2 when the image cannot be read.
+    List {
+        /// The image, e.g. /boot/initrd.img-6.1.0-18-amd64.
+        image: PathBuf,
+    },
+    /// Whether an image holds vfio-early, its config, its modprobe drop-in, its
+    /// boot script and the kernel's vfio modules. Exit 0 when all are there, 1
+    /// when something is missing, 2 when the image cannot be read.
+    Verify {
+        /// The image, e.g. /boot/initrd.img-6.1.0-18-amd64.
+        image: PathBuf,
+        /// The kernel whose modules to look for [default: the image's only
+        /// lib/modules/<version>].
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
     },
 }
 
@@ -371,6 +402,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             print!("{}", apply::render_hook_files(&root, kernel));
             Ok(Status::Ok)
         }
+        Cmd::Initramfs(sub) => Ok(run_initramfs(sub)),
         Cmd::DebugDump { output } => {
             let count = crate::dump::write_dump(&root, &cfg_path, output)?;
             eprintln!(
@@ -378,6 +410,42 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 output.display()
             );
             Ok(Status::Ok)
+        }
+    }
+}
+
+/// `initramfs examine|list|verify`: an unreadable or malformed image is exit 2.
+fn run_initramfs(cmd: &InitramfsCmd) -> Status {
+    use crate::initramfs::{examine, list, verify};
+    let fail = |image: &Path, e: &dyn std::fmt::Display| {
+        eprintln!("vfio-early: error: {}: {e}", image.display());
+        Status::Usage
+    };
+    match cmd {
+        InitramfsCmd::Examine { image } => match examine::examine_image(image) {
+            Ok(segments) => {
+                print!("{}", examine::render_table(&segments));
+                Status::Ok
+            }
+            Err(e) => fail(image, &e),
+        },
+        InitramfsCmd::List { image } => match list::list_image(image, std::io::stdout().lock()) {
+            Ok(()) => Status::Ok,
+            Err(e) if list::is_broken_pipe(&e) => Status::Ok,
+            Err(e) => fail(image, &e),
+        },
+        InitramfsCmd::Verify { image, kernel } => {
+            match verify::verify_image(image, kernel.as_deref()) {
+                Ok(v) => {
+                    print!("{}", verify::render(&v));
+                    if v.complete() {
+                        Status::Ok
+                    } else {
+                        Status::Failed
+                    }
+                }
+                Err(e) => fail(image, &e),
+            }
         }
     }
 }

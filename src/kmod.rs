@@ -20,12 +20,36 @@ pub const VFIO_MODULES: &[&str] = &[
     "vfio_pci",
 ];
 
+/// The vfio modules a kernel of `version` needs, in load order, from the version alone
+/// (for an initramfs image, whose module tree may hold no `modules.dep`):
+/// `vfio_pci_core` exists from 5.15, `vfio_virqfd` until 6.1. An unparsable version is
+/// taken as a current kernel.
+pub fn vfio_modules_for(version: &str) -> Vec<&'static str> {
+    let mut nums = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    let v = match (nums.next().flatten(), nums.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor),
+        _ => (u32::MAX, 0),
+    };
+    VFIO_MODULES
+        .iter()
+        .copied()
+        .filter(|m| match *m {
+            "vfio_virqfd" => v < (6, 2),
+            "vfio_pci_core" => v >= (5, 15),
+            _ => true,
+        })
+        .collect()
+}
+
 /// Module names are compared with `-` folded to `_`, as modprobe does.
 pub fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
 
-fn module_name_of(path: &str) -> Option<String> {
+/// The normalized module name of a path ending in `.ko`, `.ko.xz`, `.ko.zst` or `.ko.gz`.
+pub fn module_name_of(path: &str) -> Option<String> {
     let file = path.rsplit('/').next()?;
     let stem = [".ko.zst", ".ko.xz", ".ko.gz", ".ko"]
         .iter()
@@ -216,6 +240,29 @@ fn class_match(p: &[char], start: usize, c: char) -> Option<(bool, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vfio_modules_follow_the_kernel_version() {
+        assert_eq!(
+            vfio_modules_for("6.1.0-18-amd64"),
+            [
+                "vfio",
+                "vfio_iommu_type1",
+                "vfio_virqfd",
+                "vfio_pci_core",
+                "vfio_pci"
+            ]
+        );
+        assert_eq!(
+            vfio_modules_for("6.12.9-amd64"),
+            ["vfio", "vfio_iommu_type1", "vfio_pci_core", "vfio_pci"]
+        );
+        assert_eq!(
+            vfio_modules_for("5.10.0-28-amd64"),
+            ["vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio_pci"]
+        );
+        assert_eq!(vfio_modules_for("weird"), vfio_modules_for("6.12"));
+    }
 
     #[test]
     fn globs_match_modaliases() {

@@ -12,6 +12,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dump;
+pub mod initramfs;
 pub mod kargs;
 pub mod kmod;
 pub mod kmsg;

@@ -2,11 +2,13 @@
 //! through xshell (with `timeout` where they could hang), so CI steps run the same way
 //! locally.
 
+mod bench;
 mod boot_test;
 mod codegen;
 mod deb;
 mod deb_test;
 mod demo;
+mod fuzz;
 mod image;
 mod qemu;
 mod scenario;
@@ -47,6 +49,26 @@ enum Task {
         /// Override the package version (for upgrade tests).
         #[arg(long)]
         version: Option<String>,
+    },
+    /// Time `initramfs list` against 3cpio, lsinitramfs and the bare
+    /// decompressors on a ~400 MB kernel-tree image (in target/bench/).
+    Bench {
+        /// Runs per command; the best is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+    /// Bounded mutation fuzzing (stable Rust) of the initramfs reader and the
+    /// config parser; crashing inputs are saved under target/fuzz/.
+    Fuzz {
+        /// Total time budget, split between the two targets.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop each target after this many inputs.
+        #[arg(long, default_value_t = u64::MAX)]
+        iterations: u64,
+        /// Seed of the mutation sequence (same seed, same inputs).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Show vfio-early at work: boots a VM whose emulated GPU and its audio
     /// function come up on vfio-pci, and prints `list` and `status` from inside it.
@@ -94,6 +116,12 @@ fn main() -> anyhow::Result<()> {
                 keep,
             },
         ),
+        Task::Bench { runs } => bench::run(&sh, &project_root(), runs),
+        Task::Fuzz {
+            seconds,
+            iterations,
+            seed,
+        } => fuzz::run(&project_root(), seconds, iterations, seed),
     }
 }
 
