@@ -100,8 +100,15 @@ pub enum Cmd {
         kernel: String,
     },
     /// Prove every step after a reboot: IOMMU, interrupt remapping, command
-    /// line, modules, each device on vfio-pci, IOMMU groups, framebuffer, reset
-    /// method. PASS/WARN/FAIL with a fix each; exit 1 on any FAIL.
+    /// line, initramfs, modules, each device on vfio-pci, IOMMU groups,
+    /// framebuffer, reset method. PASS/WARN/FAIL with a fix each; exit 1 on any
+    /// FAIL.
+    ///
+    /// --json prints {"schema": 1, "verdict": V, "checks": [{"id", "verdict",
+    /// "device", "summary", "fix"}]}, V being "pass", "warn" or "fail"; "device"
+    /// is a PCI address or null. Check ids: iommu, interrupt-remapping, cmdline,
+    /// applied, bootloader, initramfs, vfio-modules, device, iommu-group,
+    /// framebuffer, reset-method. Fields and ids are added, never renamed.
     Status {
         /// Print stable JSON instead of a table.
         #[arg(long)]
@@ -402,7 +409,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             print!("{}", apply::render_hook_files(&root, kernel));
             Ok(Status::Ok)
         }
-        Cmd::Initramfs(sub) => Ok(run_initramfs(sub)),
+        Cmd::Initramfs(sub) => Ok(run_initramfs(sub, &root)),
         Cmd::DebugDump { output } => {
             let count = crate::dump::write_dump(&root, &cfg_path, output)?;
             eprintln!(
@@ -415,7 +422,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
 }
 
 /// `initramfs examine|list|verify`: an unreadable or malformed image is exit 2.
-fn run_initramfs(cmd: &InitramfsCmd) -> Status {
+fn run_initramfs(cmd: &InitramfsCmd, root: &Root) -> Status {
     use crate::initramfs::{examine, list, verify};
     let fail = |image: &Path, e: &dyn std::fmt::Display| {
         eprintln!("vfio-early: error: {}: {e}", image.display());
@@ -435,7 +442,9 @@ fn run_initramfs(cmd: &InitramfsCmd) -> Status {
             Err(e) => fail(image, &e),
         },
         InitramfsCmd::Verify { image, kernel } => {
-            match verify::verify_image(image, kernel.as_deref()) {
+            // The drop-in is expected exactly when this system has one.
+            let want_modprobe = root.exists(crate::apply::MODPROBE);
+            match verify::verify_image(image, kernel.as_deref(), want_modprobe) {
                 Ok(v) => {
                     print!("{}", verify::render(&v));
                     if v.complete() {

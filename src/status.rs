@@ -71,6 +71,61 @@ fn check(id: &'static str, verdict: Verdict, summary: String, fix: Option<&str>)
     }
 }
 
+/// Reads the running kernel's initramfs with our own reader (streamed, bounded memory).
+fn initramfs_check(root: &Root, kver: &str) -> Check {
+    let rebuild = "run `vfio-early apply` (it rebuilds the initramfs), then reboot";
+    let candidates = [
+        format!("initrd.img-{kver}"),
+        format!("initramfs-{kver}.img"),
+    ];
+    let Some(image) = candidates
+        .iter()
+        .map(|n| Path::new(paths::BOOT).join(n))
+        .find(|p| root.exists(p))
+    else {
+        return check(
+            "initramfs",
+            Verdict::Warn,
+            format!("no initramfs for {kver} in /boot (initrd.img-{kver} or initramfs-{kver}.img)"),
+            Some("check where the bootloader loads the initramfs from"),
+        );
+    };
+    let shown = Path::new("/").join(&image);
+    let want_modprobe = root.exists(crate::apply::MODPROBE);
+    match crate::initramfs::verify_image(&root.path(&image), Some(kver), want_modprobe) {
+        Ok(v) if v.complete() => check(
+            "initramfs",
+            Verdict::Pass,
+            format!(
+                "{} holds vfio-early, its config, the boot script and the vfio modules",
+                shown.display()
+            ),
+            None,
+        ),
+        Ok(v) => {
+            let missing: Vec<&str> = v
+                .checks
+                .iter()
+                .filter(|c| c.found.is_none())
+                .map(|c| c.item.as_str())
+                .chain(v.kernel_problem.as_deref())
+                .collect();
+            check(
+                "initramfs",
+                Verdict::Fail,
+                format!("{} lacks {}", shown.display(), missing.join(", ")),
+                Some(rebuild),
+            )
+        }
+        Err(e) => check(
+            "initramfs",
+            Verdict::Warn,
+            format!("cannot read {}: {e}", shown.display()),
+            Some("see `vfio-early initramfs examine` on it"),
+        ),
+    }
+}
+
 fn log_has(log: &[String], needles: &[&str]) -> Option<String> {
     log.iter()
         .find(|l| needles.iter().any(|n| l.contains(n)))
@@ -185,6 +240,13 @@ pub fn run(inp: &Inputs) -> Report {
     // The bootloader config carries the arguments for the next boot.
     if let Some(mf) = manifest.as_ref().filter(|mf| !mf.kernel_args.is_empty()) {
         checks.push(bootloader_check(inp.root, inp.config, mf));
+    }
+
+    // The running kernel's initramfs holds what the early binder needs.
+    if let (Some(_), Some(kver)) = (&manifest, &m.running_kernel) {
+        if !inp.config.devices.is_empty() {
+            checks.push(initramfs_check(inp.root, kver));
+        }
     }
 
     // vfio modules loaded (or built in: sys/module has them either way).

@@ -81,13 +81,21 @@ fn split_module_path(name: &str) -> Option<(&str, &str)> {
 
 /// Walks the image once and checks it. `kernel` chooses the module tree; without it the
 /// image's only `lib/modules/<version>` is used.
-pub fn verify_image(path: &Path, kernel: Option<&str>) -> Result<Verification, InitramfsError> {
-    let fixed: [(&str, &[&str]); 4] = [
-        ("vfio-early binary", BINARY),
-        ("config", &[paths::CONFIG]),
-        ("modprobe drop-in", MODPROBE),
-        ("boot script", BOOT_SCRIPT),
-    ];
+///
+/// `want_modprobe`: whether the modprobe drop-in must be there; `apply` writes it only
+/// when there is something to say (softdeps, options), and the hooks copy it only then,
+/// so callers pass whether the system has one.
+pub fn verify_image(
+    path: &Path,
+    kernel: Option<&str>,
+    want_modprobe: bool,
+) -> Result<Verification, InitramfsError> {
+    let mut fixed: Vec<(&str, &[&str])> =
+        vec![("vfio-early binary", BINARY), ("config", &[paths::CONFIG])];
+    if want_modprobe {
+        fixed.push(("modprobe drop-in", MODPROBE));
+    }
+    fixed.push(("boot script", BOOT_SCRIPT));
     let mut found: Vec<Option<String>> = vec![None; fixed.len()];
     let mut kernels: BTreeSet<String> = BTreeSet::new();
     // (kernel, module) -> path; only vfio modules are kept, so memory stays small.

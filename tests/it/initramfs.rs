@@ -24,8 +24,18 @@ impl Images {
         std::fs::write(&p, bytes).expect("write image");
         p
     }
+    /// Runs on a system (`--root`) that has a modprobe drop-in, so `verify` wants one in
+    /// the image too.
     fn run(&self, args: &[&str], image: &Path) -> Output {
+        let root = self.dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc/modprobe.d")).expect("mkdir");
+        std::fs::write(root.join("etc/modprobe.d/vfio-early.conf"), "").expect("write");
+        self.run_on(&root, args, image)
+    }
+    fn run_on(&self, root: &Path, args: &[&str], image: &Path) -> Output {
         Command::new(bin())
+            .arg("--root")
+            .arg(root)
             .arg("initramfs")
             .args(args)
             .arg(image)
@@ -202,4 +212,43 @@ fn bad_images_exit_2_with_the_offset() {
     assert_eq!(missing.status.code(), Some(2));
     report.push_str(&t.text(&missing.stderr));
     insta::assert_snapshot!(report);
+}
+
+#[test]
+fn verify_wants_the_modprobe_drop_in_only_where_the_system_has_one() {
+    // apply writes the drop-in only when there is something to say, and the hooks copy
+    // it only then.
+    let t = Images::new();
+    let mut main = Cpio::newc();
+    main.file("usr/sbin/vfio-early", b"\x7fELF")
+        .file("etc/vfio-early.toml", b"")
+        .file("scripts/init-top/00vfio-early", b"")
+        .file(
+            "usr/lib/modules/6.12.9-amd64/kernel/drivers/vfio/vfio.ko.xz",
+            b"",
+        )
+        .file(
+            "usr/lib/modules/6.12.9-amd64/kernel/drivers/vfio/vfio_iommu_type1.ko.xz",
+            b"",
+        )
+        .file(
+            "usr/lib/modules/6.12.9-amd64/kernel/drivers/vfio/pci/vfio-pci.ko.xz",
+            b"",
+        )
+        .file(
+            "usr/lib/modules/6.12.9-amd64/kernel/drivers/vfio/pci/vfio-pci-core.ko.xz",
+            b"",
+        );
+    let p = t.write("no-dropin.img", &testimg::zstd(&main.finish()));
+    let bare = t.dir.path().join("bare-root");
+    std::fs::create_dir_all(&bare).expect("mkdir");
+    let out = t.run_on(&bare, &["verify"], &p);
+    let report = t.text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(!report.contains("modprobe"), "{report}");
+
+    let out = t.run(&["verify"], &p);
+    let report = t.text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("MISSING  modprobe drop-in"), "{report}");
 }

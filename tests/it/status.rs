@@ -5,6 +5,8 @@
 
 use std::os::unix::fs::symlink;
 
+use vfio_early::initramfs::testimg::{self, Cpio};
+
 use crate::fake::{text, workstation, FakeMachine};
 
 const GPU_AND_NIC: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
@@ -44,6 +46,17 @@ fn healthy() -> FakeMachine {
         "boot/grub/grub.cfg",
         "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet intel_iommu=on iommu=pt\n}\n",
     );
+    // A Debian-shaped image; 6.1 also has vfio_virqfd, in a segment of its own.
+    let mut initrd = testimg::debian_like("6.1.0-28-amd64", testimg::zstd);
+    initrd.extend(testimg::gzip(
+        &Cpio::newc()
+            .file(
+                "usr/lib/modules/6.1.0-28-amd64/kernel/drivers/vfio/vfio_virqfd.ko",
+                b"",
+            )
+            .finish(),
+    ));
+    std::fs::write(m.path("boot/initrd.img-6.1.0-28-amd64"), initrd).expect("write initrd");
     m.write("dev/vfio/1", "");
     m.write("dev/vfio/6", "");
     m.write(
@@ -154,4 +167,28 @@ fn an_amd_gpu_without_device_specific_reset_gets_the_vendor_reset_hint() {
     let out = m.run(&["status"]);
     let report = text(&m, &out.stdout);
     assert!(report.contains("WARN  reset-method        0000:03:00.0 resets by `bus`; many AMD GPUs need vendor-reset"), "{report}");
+}
+
+#[test]
+fn an_initramfs_without_our_files_fails_and_says_how_to_rebuild() {
+    let m = healthy();
+    let stale = Cpio::newc()
+        .file("usr/lib/modules/6.1.0-28-amd64/modules.dep", b"")
+        .finish();
+    std::fs::write(
+        m.path("boot/initrd.img-6.1.0-28-amd64"),
+        testimg::zstd(&stale),
+    )
+    .expect("write");
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  initramfs           /boot/initrd.img-6.1.0-28-amd64 lacks vfio-early binary, config"),
+        "{report}"
+    );
+    assert!(
+        report.contains("run `vfio-early apply` (it rebuilds the initramfs)"),
+        "{report}"
+    );
 }
