@@ -153,10 +153,15 @@ pub fn run(inp: &Inputs) -> Report {
             None,
         )
     } else if let Some(line) = log_has(log, &["DMAR: IOMMU enabled", "AMD-Vi: Found IOMMU"]) {
+        // `DMAR: IOMMU enabled` only echoes intel_iommu=on; without a registered unit
+        // the firmware has no (or a disabled) IOMMU, and passthrough cannot work.
         check(
             "iommu",
-            Verdict::Warn,
-            format!("kernel log says `{line}` but no IOMMU unit is registered"),
+            Verdict::Fail,
+            format!(
+                "no IOMMU is active: the kernel was asked (`{line}`) but registered no IOMMU \
+                 unit, so the firmware has it off or lacks it"
+            ),
             Some(enable_fix),
         )
     } else {

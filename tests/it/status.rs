@@ -192,3 +192,23 @@ fn an_initramfs_without_our_files_fails_and_says_how_to_rebuild() {
         "{report}"
     );
 }
+
+#[test]
+fn intel_iommu_on_without_an_iommu_unit_is_a_failure() {
+    // `DMAR: IOMMU enabled` only echoes intel_iommu=on (seen booting QEMU without an
+    // IOMMU); with no registered unit passthrough cannot work.
+    let m = healthy();
+    std::fs::remove_file(m.path("sys/class/iommu/dmar0")).expect("rm");
+    m.write("dev/kmsg", "6,1,1,-;DMAR: IOMMU enabled\n");
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  iommu               no IOMMU is active: the kernel was asked (`DMAR: IOMMU enabled`)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("enable VT-d in the firmware setup"),
+        "{report}"
+    );
+}
