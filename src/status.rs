@@ -287,6 +287,26 @@ pub fn run(inp: &Inputs) -> Report {
         checks.push(c);
     }
 
+    // Entries that selected nothing on this boot (a card absent or moved).
+    for (i, entry) in inp.config.devices.iter().enumerate() {
+        let n = i + 1;
+        if inp.plan.decisions.iter().any(|d| d.entry == n) {
+            continue;
+        }
+        let wanted = match entry.address {
+            Some(a) => format!("{} at {a}", entry.id),
+            None => entry.id.to_string(),
+        };
+        let mut c = check(
+            "device",
+            Verdict::Warn,
+            format!("entry {n}: no device {wanted} on this boot"),
+            Some("check that the card is seated (`vfio-early list`), or remove the entry"),
+        );
+        c.device = entry.address.map(|a| a.to_string());
+        checks.push(c);
+    }
+
     // IOMMU group viability: the plan's group warnings.
     let split: Vec<&str> = inp
         .plan

@@ -212,3 +212,20 @@ fn intel_iommu_on_without_an_iommu_unit_is_a_failure() {
         "{report}"
     );
 }
+
+#[test]
+fn an_entry_that_finds_no_device_is_a_warning() {
+    let m = healthy();
+    m.config(&format!("{GPU_AND_NIC}\n[[device]]\nid = \"1002:73bf\"\n"));
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning is not a failure: {report}"
+    );
+    assert!(
+        report.contains("WARN  device              entry 3: no device 1002:73bf on this boot"),
+        "{report}"
+    );
+}

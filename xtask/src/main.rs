@@ -8,6 +8,7 @@ mod codegen;
 mod deb;
 mod deb_test;
 mod demo;
+mod fast;
 mod fuzz;
 mod image;
 mod qemu;
@@ -89,6 +90,10 @@ enum Task {
         /// Keep every scenario's disk image under target/boot-test/.
         #[arg(long)]
         keep: bool,
+        /// The early binder alone in a minimal initramfs the harness writes
+        /// (seconds a boot; no package, generator or bootloader involved).
+        #[arg(long)]
+        fast: bool,
     },
 }
 
@@ -105,8 +110,25 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { fake: false } => demo::run(&sh, &project_root()),
         Task::BootTest {
             scenario,
+            fast: true,
+            ..
+        } => {
+            let root = project_root();
+            let list = if scenario.is_empty() {
+                scenario::load_dir(&root.join("tests/boot/scenarios"))?
+            } else {
+                scenario
+                    .iter()
+                    .map(|p| scenario::load(p))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            fast::run(&sh, &root, &list)
+        }
+        Task::BootTest {
+            scenario,
             jobs,
             keep,
+            fast: false,
         } => boot_test::run(
             &sh,
             &project_root(),
