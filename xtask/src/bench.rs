@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: `vfio-early initramfs list` against 3cpio, lsinitramfs and the
-//! bare decompressors on a real-shaped image: an uncompressed early segment holding a
+//! `cargo xtask bench`, the reader half (`bench_boot` is the boot half): `vfio-early
+//! initramfs list` against 3cpio, lsinitramfs and the bare decompressors on a
+//! real-shaped image: an uncompressed early segment holding a
 //! microcode-sized file, then a main archive holding a whole Debian kernel package
 //! (~400 MB unpacked), in gzip and zstd variants. Prints best-of-N wall time, the ratio
 //! to vfio-early and the peak RSS of each; a table to read, not a timed test.

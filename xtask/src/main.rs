@@ -3,6 +3,7 @@
 //! locally.
 
 mod bench;
+mod bench_boot;
 mod boot_test;
 mod codegen;
 mod deb;
@@ -57,6 +58,12 @@ enum Task {
         /// Runs per command; the best is reported.
         #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Boots with and without vfio-early each, for the boot overhead.
+        #[arg(long, default_value_t = 2)]
+        boots: usize,
+        /// Only the reader table (no VM boots).
+        #[arg(long)]
+        no_boot: bool,
     },
     /// Bounded mutation fuzzing (stable Rust) of the initramfs reader and the
     /// config parser; crashing inputs are saved under target/fuzz/.
@@ -138,7 +145,19 @@ fn main() -> anyhow::Result<()> {
                 keep,
             },
         ),
-        Task::Bench { runs } => bench::run(&sh, &project_root(), runs),
+        Task::Bench {
+            runs,
+            boots,
+            no_boot,
+        } => {
+            bench::run(&sh, &project_root(), runs)?;
+            if no_boot {
+                eprintln!("xtask: bench: boot overhead SKIPPED (--no-boot)");
+                Ok(())
+            } else {
+                bench_boot::run(&sh, &project_root(), boots)
+            }
+        }
         Task::Fuzz {
             seconds,
             iterations,
