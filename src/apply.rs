@@ -33,6 +33,14 @@ use crate::root::Root;
 
 pub const MANIFEST: &str = "var/lib/vfio-early/manifest.json";
 pub const APPLIED: &str = "var/lib/vfio-early/applied.toml";
+/// The line an `apply --force` puts into the applied config.
+pub const FORCED_MARKER: &str =
+    "# Applied with --force: the early binder overrides interlocks at boot too.";
+
+/// Whether an applied config (the text the initramfs carries) was applied with --force.
+pub fn applied_with_force(text: &str) -> bool {
+    text.lines().any(|l| l == FORCED_MARKER)
+}
 pub const MODPROBE: &str = "etc/modprobe.d/vfio-early.conf";
 
 /// What apply wrote, for `undo`, `status` and package purge. Stable JSON.
@@ -127,6 +135,9 @@ fn read_opt(root: &Root, rel: &str) -> anyhow::Result<Option<String>> {
 
 /// The target state: `Some` for apply, `None` for undo.
 pub struct Target<'a> {
+    /// `apply --force`: recorded in the applied config, so the early binder overrides
+    /// the same interlocks at boot and no others.
+    pub forced: bool,
     pub config: &'a Config,
     pub config_text: &'a str,
     pub plan: &'a Plan,
@@ -156,7 +167,12 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
     let applied = target.filter(|t| !t.config.devices.is_empty()).map(|t| {
         format!(
             "# The config as of the last `vfio-early apply`; the initramfs hooks copy this\n\
-             # file into the image. Edit /etc/vfio-early.toml instead.\n{}",
+             # file into the image. Edit /etc/vfio-early.toml instead.\n{}{}",
+            if t.forced {
+                format!("{FORCED_MARKER}\n")
+            } else {
+                String::new()
+            },
             t.config_text
         )
     });

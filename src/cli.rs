@@ -330,6 +330,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             }
             let kernels = crate::kmod::read_all(&root, &machine.installed_kernels);
             let target = apply::Target {
+                forced: *force,
                 config: &config,
                 config_text: &text,
                 plan: &plan,
@@ -348,12 +349,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
                 }
             };
             let machine = machine::discover(&root);
-            // Forced: status reports on what the applied config takes at boot.
+            // As the early binder plans: interlocks overridden only when apply was forced.
+            let forced = root
+                .read_to_string(apply::APPLIED)
+                .map(|t| apply::applied_with_force(&t))
+                .unwrap_or(false);
             let plan = plan::plan(
                 &config,
                 &machine,
                 plan::Options {
-                    force: true,
+                    force: forced,
                     live: false,
                 },
             );
@@ -517,10 +522,15 @@ pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
         }
     };
     let machine = machine::discover(root);
-    // `apply` is the gate for interlocks (it refuses to build an image with a refused
-    // device unless forced), so the early binder takes what the applied config selects.
+    // `apply` is the gate for interlocks, but it may have run where the devices were not
+    // visible (a chroot, before a card was fitted): the interlocks that can be judged
+    // this early (bridges, the only display) are judged again, unless apply was forced.
+    // The root filesystem is not mounted yet, so that one is apply's alone.
+    let forced = std::fs::read_to_string(cfg_path)
+        .map(|t| apply::applied_with_force(&t))
+        .unwrap_or(false);
     let opts = plan::Options {
-        force: true,
+        force: forced,
         live: true,
     };
     let plan = plan::plan(&config, &machine, opts);

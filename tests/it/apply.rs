@@ -321,6 +321,7 @@ fn commit_with(m: &FakeMachine, cfg: &str, undo: bool, w: &mut dyn Writer) -> an
     let p = plan::plan(&c, &mach, plan::Options::default());
     let kernels = kmod::read_all(&root, &mach.installed_kernels);
     let target = apply::Target {
+        forced: false,
         config: &c,
         config_text: cfg,
         plan: &p,

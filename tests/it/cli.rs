@@ -287,3 +287,52 @@ fn without_an_iommu_bind_leaves_every_device_on_its_driver() {
         assert_eq!(m.driver_of("0000:04:00.0").as_deref(), Some("e1000e"));
     }
 }
+
+/// Both displays taken: the boot VGA (00:02.0) would leave the host without a console.
+const BOTH_DISPLAYS: &str = "[[device]]\nid = \"8086:3e92\"\n\n[[device]]\nid = \"10de:1b80\"\n";
+
+#[test]
+fn the_early_binder_judges_the_interlocks_it_can_see_again() {
+    // apply may have run where the devices were invisible (a chroot); at boot the
+    // binder still keeps the host's only display unless apply was forced.
+    let m = workstation();
+    m.config(BOTH_DISPLAYS);
+    let out = m.run(&["bind", "--early"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        m.read("sys/devices/pci0000:00/0000:00:02.0/driver_override"),
+        "(null)\n",
+        "the only display was taken: {}",
+        text(&m, &out.stderr)
+    );
+    assert_eq!(
+        m.read("sys/devices/pci0000:00/0000:01:00.0/driver_override"),
+        "vfio-pci"
+    );
+
+    let m = workstation();
+    m.config(&format!(
+        "{}\n{BOTH_DISPLAYS}",
+        vfio_early::apply::FORCED_MARKER
+    ));
+    assert_eq!(m.run(&["bind", "--early"]).status.code(), Some(0));
+    assert_eq!(
+        m.read("sys/devices/pci0000:00/0000:00:02.0/driver_override"),
+        "vfio-pci",
+        "apply --force is honoured at boot"
+    );
+}
+
+#[test]
+fn apply_force_is_recorded_for_the_early_binder() {
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config(BOTH_DISPLAYS);
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&m, &out.stderr));
+    let out = m.run(&["apply", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    let applied = m.read("var/lib/vfio-early/applied.toml");
+    assert!(vfio_early::apply::applied_with_force(&applied), "{applied}");
+}
