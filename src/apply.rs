@@ -159,7 +159,7 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
     let mut want: Vec<(String, Option<String>)> = Vec::new();
     // The modprobe drop-in.
     let modprobe_text = target.and_then(|t| {
-        ch.softdeps = modprobe::candidate_drivers(t.plan, t.machine, t.kernels);
+        ch.softdeps = modprobe::candidate_drivers(t.config, t.plan, t.machine, t.kernels);
         modprobe::render(t.config, t.plan, &ch.softdeps)
     });
     want.push((MODPROBE.to_string(), modprobe_text));

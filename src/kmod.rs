@@ -126,6 +126,28 @@ impl KernelModules {
             .collect()
     }
 
+    /// Drivers that name this vendor:device in their PCI aliases, for a device that is
+    /// not present (no modalias to match): only aliases with a concrete vendor count,
+    /// so class-wide drivers (`pci:v*d*...bc0Csc03*`) are not swept in.
+    pub fn drivers_for_id(&self, vendor: u16, device: u16) -> BTreeSet<String> {
+        let v = format!("{vendor:08X}");
+        let d = format!("{device:08X}");
+        self.pci_aliases
+            .iter()
+            .filter(|(pattern, _)| {
+                let Some(rest) = pattern.strip_prefix("pci:v") else {
+                    return false;
+                };
+                let Some((pv, rest)) = rest.split_once('d') else {
+                    return false;
+                };
+                let pd = rest.split("sv").next().unwrap_or("");
+                !pv.contains('*') && glob_match(pv, &v) && glob_match(pd, &d)
+            })
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
     /// Drivers whose PCI aliases match `modalias`.
     pub fn drivers_for(&self, modalias: &str) -> BTreeSet<String> {
         self.pci_aliases

@@ -427,3 +427,21 @@ fn if_configured_does_nothing_on_the_shipped_config() {
     let out = m.run(&["apply", "--if-configured"]);
     assert!(text(&m, &out.stdout).contains("wrote /etc/modprobe.d/vfio-early.conf"));
 }
+
+#[test]
+fn an_absent_device_still_gets_the_softdeps_of_its_id() {
+    // apply in a chroot, or before the card is fitted: no modalias to match, so the
+    // drivers naming the id (vendor-specific aliases only) get the softdep.
+    let m = workstation();
+    m.kernel_61();
+    m.grub();
+    m.config("[[device]]\nid = \"10de:2204\"\n");
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    let conf = m.read("etc/modprobe.d/vfio-early.conf");
+    assert!(conf.contains("softdep nouveau pre: vfio-pci"), "{conf}");
+    assert!(
+        !conf.contains("snd_hda_intel") && !conf.contains("nvme"),
+        "class-wide drivers are not swept in: {conf}"
+    );
+}
