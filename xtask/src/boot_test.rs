@@ -81,7 +81,7 @@ pub fn run_scenarios(
             ("mkfs.ext4", "e2fsprogs"),
         ],
     )?;
-    let deb = crate::deb::build(sh, None)?;
+    let deb = crate::deb::build(sh, None, false)?;
     let work = project.join("target/boot-test");
     std::fs::create_dir_all(&work)?;
 

@@ -30,11 +30,11 @@ const VOLATILE: &[&str] = &[
 pub fn run(sh: &Shell, project: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     crate::tools::ensure_apt(sh, &[("debootstrap", "debootstrap")])?;
-    let previous = crate::deb::build(sh, Some(&upgrade_from_version(sh)?))?;
+    let previous = crate::deb::build(sh, Some(&upgrade_from_version(sh)?), false)?;
     let previous_copy = project.join("target/deb-test/previous.deb");
     std::fs::create_dir_all(project.join("target/deb-test"))?;
     std::fs::copy(&previous, &previous_copy)?;
-    let current = crate::deb::build(sh, None)?;
+    let current = crate::deb::build(sh, None, true)?;
 
     let base = image::ensure_base(project, Distro::Bookworm, Generator::InitramfsTools)?;
     let work = project.join("target/deb-test");

@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_boot } => test::run(&sh, &project_root(), no_boot),
         Task::DebTest => deb_test::run(&sh, &project_root()),
         Task::Codegen { check } => codegen::run(check),
-        Task::Deb { version } => deb::build(&sh, version.as_deref()).map(|_| ()),
+        Task::Deb { version } => deb::build(&sh, version.as_deref(), true).map(|_| ()),
         Task::Demo { fake: true } => demo::run_fake(&sh),
         Task::Demo { fake: false } => demo::run(&sh, &project_root()),
         Task::BootTest {
