@@ -163,3 +163,40 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<Scenario>> {
     paths.sort();
     paths.iter().map(|p| load(p)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped scenario parses (strictly), so a typo fails `cargo xtask test`
+    /// even where no VM boots.
+    #[test]
+    fn every_shipped_scenario_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/boot/scenarios");
+        let all = load_dir(&dir).expect("scenarios load");
+        assert!(all.len() >= 10, "{} scenarios", all.len());
+        for s in &all {
+            assert!(!s.description.is_empty(), "{}", s.name());
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused() {
+        let dir = tempfile_dir();
+        let p = dir.join("typo.toml");
+        std::fs::write(
+            &p,
+            "description = \"x\"\ndistro = \"bookworm\"\ngenerator = \"dracut\"\n\
+             iommu = \"none\"\nconfig = \"\"\n[expect]\ndriverz = {}\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", load(&p).expect_err("typo accepted"));
+        assert!(err.contains("driverz"), "{err}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vfe-scenario-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+}

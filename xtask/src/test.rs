@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every check CI runs, in the order that fails fastest: formatting,
 //! lints, shellcheck on every shell script, the unit and integration tests with
-//! snapshots checked (no pending, no unreferenced snapshot), then the package's life
-//! cycle in a chroot (`deb-test`) and every boot scenario (`boot-test`).
+//! snapshots checked (no pending, no unreferenced snapshot), a 20 s bounded fuzz run,
+//! then the package's life cycle in a chroot (`deb-test`) and every boot scenario
+//! (`boot-test`).
 //! `--no-boot` stops before the last two, and says so.
 
 use anyhow::Context;
@@ -38,6 +39,8 @@ pub fn run(sh: &Shell, project: &std::path::Path, no_boot: bool) -> anyhow::Resu
     )
     .run()
     .context("tests failed")?;
+    step("fuzz: 20 s of seeded mutation on the initramfs reader and the config parser");
+    crate::fuzz::run(project, 20, u64::MAX, 1)?;
     if no_boot {
         eprintln!(
             "xtask: SKIPPED deb-test and boot-test (--no-boot): the package life cycle \
