@@ -229,3 +229,47 @@ fn an_entry_that_finds_no_device_is_a_warning() {
         "{report}"
     );
 }
+
+#[test]
+fn a_vfio_module_built_into_the_kernel_needs_no_file_in_the_initramfs() {
+    let m = healthy();
+    let dir = "lib/modules/6.1.0-28-amd64";
+    let dep: String = m
+        .read(&format!("{dir}/modules.dep"))
+        .lines()
+        .filter(|l| !l.contains("vfio-pci.ko"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    m.write(&format!("{dir}/modules.dep"), &dep);
+    m.write(
+        &format!("{dir}/modules.builtin"),
+        "kernel/drivers/pci/pcieport.ko\nkernel/drivers/vfio/pci/vfio-pci.ko\n",
+    );
+    let k = "usr/lib/modules/6.1.0-28-amd64/kernel/drivers/vfio";
+    let image = Cpio::newc()
+        .file("usr/sbin/vfio-early", b"\x7fELF")
+        .file("etc/vfio-early.toml", b"")
+        .file("etc/modprobe.d/vfio-early.conf", b"")
+        .file("scripts/init-top/00vfio-early", b"")
+        .file(&format!("{k}/vfio.ko"), b"")
+        .file(&format!("{k}/vfio_iommu_type1.ko"), b"")
+        .file(&format!("{k}/vfio_virqfd.ko"), b"")
+        .file(&format!("{k}/pci/vfio-pci-core.ko"), b"")
+        .finish();
+    std::fs::write(
+        m.path("boot/initrd.img-6.1.0-28-amd64"),
+        testimg::zstd(&image),
+    )
+    .expect("write");
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert!(report.contains("PASS  initramfs"), "{report}");
+
+    // Still required where the kernel has it as a module.
+    m.write(
+        &format!("{dir}/modules.dep"),
+        &format!("{dep}kernel/drivers/vfio/pci/vfio-pci.ko:\n"),
+    );
+    let report = text(&m, &m.run(&["status"]).stdout);
+    assert!(report.contains("lacks module vfio_pci"), "{report}");
+}
