@@ -297,11 +297,9 @@ pub fn run(cli: &Cli) -> anyhow::Result<Status> {
             force,
             if_configured,
         } => {
-            let text = match std::fs::read(&cfg_path) {
-                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-                Err(_) => String::new(),
-            };
-            let config = match load_config(&cfg_path, false) {
+            let loaded = config::read_text(&cfg_path)
+                .and_then(|t| config::parse(&t, &cfg_path).map(|c| (c, t)));
+            let (config, text) = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     print_config_error(&e);
@@ -512,7 +510,12 @@ pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
         ));
         return;
     }
-    let config = match config::load(cfg_path) {
+    // Read once: the text gives both the config and apply's --force marker.
+    let parsed = config::read_text(cfg_path).and_then(|t| {
+        let forced = apply::applied_with_force(&t);
+        config::parse(&t, cfg_path).map(|c| (c, forced))
+    });
+    let (config, forced) = match parsed {
         Ok(c) => c,
         Err(e) => {
             let first = e.to_string();
@@ -526,9 +529,6 @@ pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
     // visible (a chroot, before a card was fitted): the interlocks that can be judged
     // this early (bridges, the only display) are judged again, unless apply was forced.
     // The root filesystem is not mounted yet, so that one is apply's alone.
-    let forced = std::fs::read_to_string(cfg_path)
-        .map(|t| apply::applied_with_force(&t))
-        .unwrap_or(false);
     let opts = plan::Options {
         force: forced,
         live: true,

@@ -307,6 +307,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 
 /// Reads and parses a config file; any bytes in, a [`ConfigError`] for anything wrong.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    parse(&read_text(path)?, path)
+}
+
+/// The config file's text; unreadable or non-UTF-8 files are located errors.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| {
         let fix = if e.kind() == std::io::ErrorKind::NotFound {
             "create it (the package ships a commented example), or name another file \
@@ -325,8 +330,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             fix,
         }
     })?;
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok(t),
         Err(e) => {
             let good = e.utf8_error().valid_up_to();
             let bytes = e.into_bytes();
@@ -336,7 +341,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 .lines()
                 .nth(line - 1)
                 .map(str::to_string);
-            return Err(ConfigError {
+            Err(ConfigError {
                 file: path.to_path_buf(),
                 line,
                 column,
@@ -344,10 +349,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 source_line: line_text,
                 span_len: 1,
                 fix: "save the file as UTF-8; TOML files must be UTF-8".to_string(),
-            });
+            })
         }
-    };
-    parse(&text, path)
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.

@@ -24,11 +24,6 @@ pub struct Options {
     pub keep: bool,
 }
 
-/// Prepared once per run and base image: the package installed, the probe in place.
-struct Layer {
-    tree: PathBuf,
-}
-
 /// A layer made on first use: empty until then, then its tree or why it failed.
 type LayerSlot = Mutex<Option<Result<PathBuf, String>>>;
 
@@ -155,7 +150,6 @@ fn layer_for(
     }
     let made = image::ensure_base(project, distro, generator)
         .and_then(|base| prepare_layer(project, work, &base, deb, distro, generator))
-        .map(|l| l.tree)
         .map_err(|e| format!("image {}/{}: {e:#}", distro.name(), generator.name()));
     *guard = Some(made.clone());
     made
@@ -192,7 +186,8 @@ fn failed_run(work: &Path, s: &Scenario, why: String) -> Run {
     }
 }
 
-/// Layer 2: the base copied, the package installed the way users do, the probe added.
+/// Layer 2, made once per run and base image: the base copied, the package installed
+/// the way users do, the probe added. Returns the layer's tree.
 fn prepare_layer(
     project: &Path,
     work: &Path,
@@ -200,7 +195,7 @@ fn prepare_layer(
     deb: &Path,
     distro: Distro,
     generator: Generator,
-) -> anyhow::Result<Layer> {
+) -> anyhow::Result<PathBuf> {
     let tree = work.join(format!("layer-{}-{}", distro.name(), generator.name()));
     let log = work.join(format!("layer-{}-{}.log", distro.name(), generator.name()));
     let _ = std::fs::remove_file(&log);
@@ -231,7 +226,7 @@ fn prepare_layer(
         generator.name(),
         started.elapsed().as_secs_f64()
     );
-    Ok(Layer { tree })
+    Ok(tree)
 }
 
 fn install_probe(project: &Path, tree: &Path) -> anyhow::Result<()> {

@@ -198,18 +198,8 @@ pub fn chroot_status(
     log: &Path,
     limit: Duration,
 ) -> anyhow::Result<Option<i32>> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    writeln!(f, "\n### chroot {}\n{}", dir.display(), script.trim())?;
-    let out = f.try_clone()?;
-    let status = Command::new("timeout")
-        .arg("-k5")
-        .arg(limit.as_secs().to_string())
-        .arg("env")
-        .arg("-i")
+    let mut cmd = Command::new("env");
+    cmd.arg("-i")
         .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .arg("DEBIAN_FRONTEND=noninteractive")
         .arg("LC_ALL=C")
@@ -218,20 +208,30 @@ pub fn chroot_status(
         .arg(dir)
         .arg("sh")
         .arg("-ec")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(f)
-        .status()
-        .context("running chroot")?;
-    Ok(match status.code() {
-        Some(124) | Some(137) => None,
-        c => c,
-    })
+        .arg(script);
+    run_logged_status(&mut cmd, log, limit)
 }
 
-/// Runs a host command with its output appended to `log`, killed after `limit`.
+/// Runs a host command with its output appended to `log`, killed after `limit`;
+/// fails unless it exits 0.
 pub fn run_logged(cmd: &mut Command, log: &Path, limit: Duration) -> anyhow::Result<()> {
+    match run_logged_status(cmd, log, limit)? {
+        Some(0) => Ok(()),
+        code => bail!(
+            "{:?} failed (exit {code:?}); see {}",
+            cmd.get_program(),
+            log.display()
+        ),
+    }
+}
+
+/// Runs a command under `timeout`, its output appended to `log`; the exit code, `None`
+/// when it was killed.
+fn run_logged_status(
+    cmd: &mut Command,
+    log: &Path,
+    limit: Duration,
+) -> anyhow::Result<Option<i32>> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -256,14 +256,10 @@ pub fn run_logged(cmd: &mut Command, log: &Path, limit: Duration) -> anyhow::Res
     let status = wrapped
         .status()
         .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!(
-            "{:?} failed ({status}); see {}",
-            cmd.get_program(),
-            log.display()
-        );
-    }
-    Ok(())
+    Ok(match status.code() {
+        Some(124) | Some(137) | None => None,
+        c => c,
+    })
 }
 
 /// Copies a tree, preserving everything (`cp -a`).
