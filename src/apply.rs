@@ -19,49 +19,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
+use crate::context::Context;
+use crate::host::{Generator, Host};
 use crate::kargs;
 use crate::kmod::KernelModules;
 use crate::machine::Machine;
 use crate::modprobe;
-use crate::paths;
+use crate::outcome::Outcome;
+use crate::paths::{self, APPLIED, GRUB_DROPIN, KERNEL_CMDLINE, MANIFEST, MODPROBE};
 use crate::plan::Plan;
 use crate::root::Root;
-
-pub const MANIFEST: &str = "var/lib/vfio-early/manifest.json";
-pub const APPLIED: &str = "var/lib/vfio-early/applied.toml";
-/// The line an `apply --force` puts into the applied config.
-pub const FORCED_MARKER: &str =
-    "# Applied with --force: the early binder overrides interlocks at boot too.";
-
-/// Whether an applied config (the text the initramfs carries) was applied with --force.
-pub fn applied_with_force(text: &str) -> bool {
-    text.lines().any(|l| l == FORCED_MARKER)
-}
-pub const MODPROBE: &str = "etc/modprobe.d/vfio-early.conf";
-
-/// What apply wrote, for `undo`, `status` and package purge. Stable JSON.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub schema: u32,
-    /// Owned files, relative to the root.
-    pub files: Vec<String>,
-    /// Directories apply created; `undo` removes them when empty.
-    pub dirs_created: Vec<String>,
-    /// Tokens apply added to `/etc/kernel/cmdline`.
-    pub cmdline_added: Vec<String>,
-    /// `/etc/kernel/cmdline` before apply first touched it (`None`: absent).
-    pub cmdline_before: Option<String>,
-    /// `/etc/kernel/cmdline` as apply last wrote it.
-    pub cmdline_after: Option<String>,
-    /// The kernel arguments of the last apply, whatever the bootloader.
-    pub kernel_args: Vec<String>,
-    /// Commands still to run (an earlier run stopped before they succeeded).
-    pub pending: Vec<Vec<String>>,
-}
+use crate::state::{self, Manifest, State};
 
 /// One owned file's change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +45,8 @@ pub struct FileChange {
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub files: Vec<FileChange>,
+    /// The manifest before the change (the intent manifest covers both).
+    pub old_manifest: Manifest,
     pub manifest: Manifest,
     pub commands: Vec<Vec<String>>,
     pub bootloader: Option<Bootloader>,
@@ -109,30 +81,6 @@ impl Writer for AtomicWriter {
     }
 }
 
-pub fn read_manifest(root: &Root) -> anyhow::Result<Option<Manifest>> {
-    match root.read_to_string(MANIFEST) {
-        Ok(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: the manifest is damaged ({e}); move it aside and run apply again",
-                root.path(MANIFEST).display()
-            )
-        })?)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!(
-            "reading {}: {e}",
-            root.path(MANIFEST).display()
-        )),
-    }
-}
-
-fn read_opt(root: &Root, rel: &str) -> anyhow::Result<Option<String>> {
-    match root.read_to_string(rel) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", root.path(rel).display())),
-    }
-}
-
 /// The target state: `Some` for apply, `None` for undo.
 pub struct Target<'a> {
     /// `apply --force`: recorded in the applied config, so the early binder overrides
@@ -141,64 +89,103 @@ pub struct Target<'a> {
     pub config: &'a Config,
     pub config_text: &'a str,
     pub plan: &'a Plan,
-    pub machine: &'a Machine,
-    pub kernels: &'a [KernelModules],
 }
 
-/// Computes what apply (with a target) or undo (without) would change. Reads only.
-pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> {
-    let old = read_manifest(root)?.unwrap_or_default();
-    let mut ch = Changes::default();
-
+/// Computes what apply (with a target) or undo (without) would change: a pure function
+/// of the target, the machine and the host's files as read.
+pub fn compute(target: Option<&Target>, machine: &Machine, host: &Host) -> anyhow::Result<Changes> {
+    let old = host.state.manifest()?.cloned().unwrap_or_default();
     let tokens: Vec<String> = target
         .map(|t| t.plan.kernel_args.iter().map(|a| a.token.clone()).collect())
         .unwrap_or_default();
-    let bl = target.map(|t| bootloader::resolve(root, t.config.bootloader.kind));
-    ch.bootloader = bl;
-
-    let mut want: Vec<(String, Option<String>)> = Vec::new();
-    // The modprobe drop-in.
-    let modprobe_text = target.and_then(|t| {
-        ch.softdeps = modprobe::candidate_drivers(t.config, t.plan, t.machine, t.kernels);
-        modprobe::render(t.config, t.plan, &ch.softdeps)
-    });
-    want.push((MODPROBE.to_string(), modprobe_text));
-    // The applied config, the hooks' source: present only when devices are configured.
-    let applied = target.filter(|t| !t.config.devices.is_empty()).map(|t| {
-        format!(
-            "# The config as of the last `vfio-early apply`; the initramfs hooks copy this\n\
-             # file into the image. Edit /etc/vfio-early.toml instead.\n{}{}",
-            if t.forced {
-                format!("{FORCED_MARKER}\n")
-            } else {
-                String::new()
-            },
-            t.config_text
-        )
-    });
-    want.push((APPLIED.to_string(), applied));
-    // The GRUB drop-in.
-    let grub = match bl {
-        Some(b) if b.uses_grub_dropin(root) && !tokens.is_empty() => {
-            Some(bootloader::render_grub_dropin(&tokens))
-        }
-        _ => None,
+    let bl = target.map(|t| host.boot.resolve(t.config.bootloader.kind));
+    let mut ch = Changes {
+        bootloader: bl,
+        softdeps: target.map(|t| t.plan.softdeps.clone()).unwrap_or_default(),
+        ..Changes::default()
     };
-    want.push((bootloader::GRUB_DROPIN.to_string(), grub));
-
-    for (path, new) in want {
-        let old_text = read_opt(root, &path)?;
+    for (path, new) in wanted_files(target, &tokens, bl, host, &ch.softdeps) {
+        let old_text = host.current(path)?;
         if old_text != new {
             ch.files.push(FileChange {
-                path,
+                path: path.to_string(),
                 old: old_text,
                 new,
             });
         }
     }
+    let mut manifest = Manifest {
+        schema: 1,
+        kernel_args: tokens.clone(),
+        ..Manifest::default()
+    };
+    kernel_cmdline_change(&mut ch, &mut manifest, &old, &tokens, bl, machine, host)?;
+    if bl == Some(Bootloader::None) {
+        ch.manual_tokens = tokens.clone();
+    }
+    if target.is_some() {
+        ch.kernels = machine
+            .kernels
+            .iter()
+            .map(|k| (k.version.clone(), k.vfio_modules()))
+            .collect();
+    }
+    // The manifest lists what will be owned afterwards.
+    for (path, exists) in final_files(host, &ch)? {
+        if exists {
+            manifest.files.push(path);
+        }
+    }
+    manifest.dirs_created = old.dirs_created.clone();
+    for c in ch.files.iter().filter(|c| c.old.is_none() && c.new.is_some()) {
+        for dir in missing_parents(host, &c.path) {
+            if !manifest.dirs_created.contains(&dir) {
+                manifest.dirs_created.push(dir);
+            }
+        }
+    }
+    ch.commands = commands(&ch, &old, bl, host);
+    if host.is_host {
+        manifest.pending = ch.commands.clone();
+    }
+    ch.manifest = manifest;
+    ch.old_manifest = old;
+    Ok(ch)
+}
 
-    // /etc/kernel/cmdline: back to what it was without our tokens, then ours added.
-    let current = read_opt(root, bootloader::KERNEL_CMDLINE)?;
+/// The wanted text of each whole file apply owns (`None`: absent).
+fn wanted_files(
+    target: Option<&Target>,
+    tokens: &[String],
+    bl: Option<Bootloader>,
+    host: &Host,
+    softdeps: &[String],
+) -> Vec<(&'static str, Option<String>)> {
+    let modprobe_text = target.and_then(|t| modprobe::render(t.config, t.plan, softdeps));
+    // The applied config, the hooks' source: present only when devices are configured.
+    let applied = target
+        .filter(|t| !t.config.devices.is_empty())
+        .map(|t| state::render_applied(t.config_text, t.forced));
+    let grub = match bl {
+        Some(b) if b.uses_grub_dropin(&host.boot) && !tokens.is_empty() => {
+            Some(bootloader::render_grub_dropin(tokens))
+        }
+        _ => None,
+    };
+    vec![(MODPROBE, modprobe_text), (APPLIED, applied), (GRUB_DROPIN, grub)]
+}
+
+/// `/etc/kernel/cmdline`: back to what it was without our tokens, then ours added.
+fn kernel_cmdline_change(
+    ch: &mut Changes,
+    manifest: &mut Manifest,
+    old: &Manifest,
+    tokens: &[String],
+    bl: Option<Bootloader>,
+    machine: &Machine,
+    host: &Host,
+) -> anyhow::Result<()> {
+    let current = host.current(KERNEL_CMDLINE)?;
     let base: Option<String> = match &current {
         None => None,
         Some(cur) if old.cmdline_after.as_ref() == Some(cur) => old.cmdline_before.clone(),
@@ -206,20 +193,13 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
         // Edited since: take out just our tokens.
         Some(cur) => Some(kargs::remove_tokens(cur, &old.cmdline_added)),
     };
-    let mut manifest = Manifest {
-        schema: 1,
-        kernel_args: tokens.clone(),
-        ..Manifest::default()
-    };
     let cmdline_new = match bl {
         Some(b) if b.uses_kernel_cmdline() && !tokens.is_empty() => {
             let seed = match &base {
                 Some(b) => b.clone(),
-                None => kargs::seed_from_proc(
-                    &root.read_to_string(paths::PROC_CMDLINE).unwrap_or_default(),
-                ),
+                None => kargs::seed_from_proc(machine.cmdline.as_deref().unwrap_or("")),
             };
-            let (text, added) = kargs::add_tokens(&seed, &tokens);
+            let (text, added) = kargs::add_tokens(&seed, tokens);
             manifest.cmdline_added = added;
             manifest.cmdline_before = base.clone();
             manifest.cmdline_after = Some(text.clone());
@@ -229,58 +209,32 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
     };
     if cmdline_new != current {
         ch.files.push(FileChange {
-            path: bootloader::KERNEL_CMDLINE.to_string(),
+            path: KERNEL_CMDLINE.to_string(),
             old: current,
             new: cmdline_new,
         });
     }
-    if bl == Some(Bootloader::None) {
-        ch.manual_tokens = tokens.clone();
-    }
-    if let Some(t) = target {
-        ch.kernels = t
-            .kernels
-            .iter()
-            .map(|k| (k.version.clone(), k.vfio_modules()))
-            .collect();
-    }
+    Ok(())
+}
 
-    // The manifest lists what will be owned afterwards.
-    for (path, exists) in ch_final_files(root, &ch)? {
-        if exists && path != bootloader::KERNEL_CMDLINE {
-            manifest.files.push(path);
-        }
-    }
-    manifest.dirs_created = old.dirs_created.clone();
-    for c in &ch.files {
-        if c.old.is_none() && c.new.is_some() {
-            for dir in missing_parents(root, &c.path) {
-                if !manifest.dirs_created.contains(&dir) {
-                    manifest.dirs_created.push(dir);
-                }
-            }
-        }
-    }
-
-    // Commands: only for what changed, plus anything an earlier run left pending.
+/// The regeneration commands: only for what changed, plus anything an earlier run left
+/// pending. Pending work is tracked on the host only: with another root the commands are
+/// reported, and running them is the caller's business.
+fn commands(ch: &Changes, old: &Manifest, bl: Option<Bootloader>, host: &Host) -> Vec<Vec<String>> {
     let touched: BTreeSet<&str> = ch.files.iter().map(|c| c.path.as_str()).collect();
-    // Pending work is tracked on the host only: with another root the commands are
-    // reported, and running them is the caller's business.
-    let mut commands: Vec<Vec<String>> = if root.is_host() {
+    let mut commands: Vec<Vec<String>> = if host.is_host {
         old.pending.clone()
     } else {
         Vec::new()
     };
-    let bl_now = bl.unwrap_or_else(|| bootloader::detect(root));
-    if touched.contains(MODPROBE)
-        || touched.contains(APPLIED)
-        || touched.contains(bootloader::KERNEL_CMDLINE)
+    if touched.contains(MODPROBE) || touched.contains(APPLIED) || touched.contains(KERNEL_CMDLINE)
     {
-        commands.push(initramfs_command(root));
+        commands.push(initramfs_command(host.generator));
     }
+    let bl_now = bl.unwrap_or_else(|| host.boot.detect());
     if bl_now == Bootloader::ProxmoxBootTool && !touched.is_empty() {
         commands.push(vec!["proxmox-boot-tool".into(), "refresh".into()]);
-    } else if touched.contains(bootloader::GRUB_DROPIN) && root.exists("boot/grub/grub.cfg") {
+    } else if touched.contains(GRUB_DROPIN) && host.grub_cfg.is_some() {
         commands.push(vec!["update-grub".into()]);
     }
     let mut unique: Vec<Vec<String>> = Vec::new();
@@ -289,21 +243,16 @@ pub fn compute(root: &Root, target: Option<&Target>) -> anyhow::Result<Changes> 
             unique.push(c);
         }
     }
-    ch.commands = unique;
-    if root.is_host() {
-        manifest.pending = ch.commands.clone();
-    }
-    ch.manifest = manifest;
-    Ok(ch)
+    unique
 }
 
-/// The owned files and whether each exists after the change.
-fn ch_final_files(root: &Root, ch: &Changes) -> anyhow::Result<Vec<(String, bool)>> {
+/// The whole files apply owns and whether each exists after the change.
+fn final_files(host: &Host, ch: &Changes) -> anyhow::Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
-    for path in [MODPROBE, APPLIED, bootloader::GRUB_DROPIN] {
+    for path in [MODPROBE, APPLIED, GRUB_DROPIN] {
         let exists = match ch.files.iter().find(|c| c.path == path) {
             Some(c) => c.new.is_some(),
-            None => read_opt(root, path)?.is_some(),
+            None => host.current(path)?.is_some(),
         };
         out.push((path.to_string(), exists));
     }
@@ -311,36 +260,36 @@ fn ch_final_files(root: &Root, ch: &Changes) -> anyhow::Result<Vec<(String, bool
 }
 
 /// Parent directories of `rel` that do not exist yet, outermost first.
-fn missing_parents(root: &Root, rel: &str) -> Vec<String> {
+fn missing_parents(host: &Host, rel: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut p = Path::new(rel).parent();
     while let Some(dir) = p {
-        if dir.as_os_str().is_empty() || root.exists(dir) {
+        let name = dir.to_string_lossy();
+        if dir.as_os_str().is_empty() || host.existing_dirs.contains(name.as_ref()) {
             break;
         }
-        out.push(dir.to_string_lossy().into_owned());
+        out.push(name.into_owned());
         p = dir.parent();
     }
     out.reverse();
     out
 }
 
-fn initramfs_command(root: &Root) -> Vec<String> {
-    if root.exists("usr/sbin/update-initramfs") || !root.exists("usr/bin/dracut") {
-        vec![
+fn initramfs_command(generator: Generator) -> Vec<String> {
+    match generator {
+        Generator::InitramfsTools => vec![
             "update-initramfs".into(),
             "-u".into(),
             "-k".into(),
             "all".into(),
-        ]
-    } else {
-        vec!["dracut".into(), "--regenerate-all".into(), "--force".into()]
+        ],
+        Generator::Dracut => vec!["dracut".into(), "--regenerate-all".into(), "--force".into()],
     }
 }
 
 /// Writes the changes: intent manifest, files, final manifest. Runs no command.
 pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<()> {
-    let old = read_manifest(root)?.unwrap_or_default();
+    let old = &ch.old_manifest;
     // 1. Intent: the union of old and new, so undo finds every file whatever happens.
     let mut intent = ch.manifest.clone();
     for f in &old.files {
@@ -358,7 +307,7 @@ pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<(
         intent.cmdline_after = old.cmdline_after.clone();
     }
     if !ch.files.is_empty() {
-        w.write(root, MANIFEST, &to_json(&intent)?)
+        w.write(root, MANIFEST, &intent.to_json()?)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", root.path(MANIFEST).display()))?;
     }
     // 2. The files, each atomically.
@@ -381,24 +330,16 @@ pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<(
 /// Writes the manifest, or removes it (and the directories apply created, when empty)
 /// once nothing is owned and nothing is pending.
 fn store_manifest(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Result<()> {
-    let nothing_owned = m.files.is_empty()
-        && m.cmdline_added.is_empty()
-        && m.pending.is_empty()
-        && m.cmdline_after.is_none();
-    if nothing_owned {
+    if m.owns_nothing() {
         w.remove(root, MANIFEST)?;
         for dir in m.dirs_created.iter().rev() {
             // Only empty directories go; anything the user put there stays.
-            let _ = std::fs::remove_dir(root.path(dir));
+            let _ = root.remove_dir(dir);
         }
     } else {
-        w.write(root, MANIFEST, &to_json(m)?)?;
+        w.write(root, MANIFEST, &m.to_json()?)?;
     }
     Ok(())
-}
-
-fn to_json(m: &Manifest) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(m)? + "\n")
 }
 
 /// Runs the regeneration commands on the host, streaming their output; with another
@@ -424,40 +365,93 @@ pub fn run_commands(root: &Root, ch: &Changes, out: &mut dyn io::Write) -> anyho
         };
         writeln!(out, "running: {}   (this can take a minute)", c.join(" "))?;
         out.flush()?;
-        let status = run_streaming(Command::new(prog).args(args), Duration::from_secs(1800))?;
-        if !status {
+        let ran = crate::command::run(
+            Command::new(prog).args(args),
+            Duration::from_secs(1800),
+            crate::command::Output::Stream,
+        );
+        if let Err(e) = ran {
             anyhow::bail!(
-                "`{}` failed; the files are in place and the command stays pending: fix the \
-                 cause above and run `vfio-early apply` again",
+                "{e}; the files are in place and `{}` stays pending: fix the cause above \
+                 and run `vfio-early apply` again",
                 c.join(" ")
             );
         }
     }
-    if let Some(mut m) = read_manifest(root)? {
+    if let Some(m) = State::read(root).manifest()? {
+        let mut m = m.clone();
         m.pending.clear();
         store_manifest(root, &m, &mut AtomicWriter)?;
     }
     Ok(())
 }
 
-fn run_streaming(cmd: &mut Command, limit: Duration) -> anyhow::Result<bool> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot run {shown}: {e}"))?;
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status.success());
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("{shown} ran over {} minutes; killed", limit.as_secs() / 60);
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// `vfio-early apply`'s flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub dry_run: bool,
+    pub force: bool,
+    pub if_configured: bool,
+}
+
+/// `vfio-early apply`: the plan must pass its interlocks; then converge.
+pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
+    if opts.if_configured
+        && ctx.config.devices.is_empty()
+        && ctx.host.state.manifest()?.is_none()
+    {
+        println!("no device configured and nothing applied before: nothing to do");
+        return Ok(Outcome::Ok);
     }
+    eprint!("{}", crate::list::render_problems(&ctx.plan.problems));
+    if ctx.plan.has_errors() {
+        eprintln!("vfio-early: nothing was written");
+        return Ok(Outcome::Failed);
+    }
+    let target = Target {
+        forced: opts.force,
+        config: &ctx.config,
+        config_text: ctx.config_text.as_deref().unwrap_or(""),
+        plan: &ctx.plan,
+    };
+    converge(&ctx.root, Some(&target), &ctx.machine, &ctx.host, opts.dry_run)
+}
+
+/// `vfio-early undo`: apply towards the empty state. Needs no config (it may be the
+/// thing that is broken).
+pub fn undo(root: &Root, dry_run: bool) -> anyhow::Result<Outcome> {
+    let host = Host::read(root);
+    let machine = crate::machine::discover(root);
+    converge(root, None, &machine, &host, dry_run)
+}
+
+/// Shared by apply and undo: compute, show, write, regenerate.
+fn converge(
+    root: &Root,
+    target: Option<&Target>,
+    machine: &Machine,
+    host: &Host,
+    dry_run: bool,
+) -> anyhow::Result<Outcome> {
+    let ch = compute(target, machine, host)?;
+    print!("{}", render_summary(&ch, dry_run));
+    if dry_run {
+        print!("{}", render_diff(&ch));
+        return Ok(Outcome::Ok);
+    }
+    if ch.is_empty() {
+        return Ok(Outcome::Ok);
+    }
+    commit(root, &ch, &mut AtomicWriter)?;
+    run_commands(root, &ch, &mut std::io::stdout())?;
+    Ok(Outcome::Ok)
+}
+
+/// `vfio-early hook-files --kernel V`, for the initramfs hooks.
+pub fn hook_files(root: &Root, version: &str) -> Outcome {
+    let host = Host::read(root);
+    print!("{}", render_hook_files(&host, &KernelModules::read(root, version)));
+    Outcome::Ok
 }
 
 /// A unified diff of every file change, for `--dry-run`.
@@ -486,11 +480,7 @@ pub fn render_diff(ch: &Changes) -> String {
 pub fn render_summary(ch: &Changes, dry_run: bool) -> String {
     let mut out = String::new();
     if let Some(b) = ch.bootloader {
-        let name = serde_json::to_value(b)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let _ = writeln!(out, "bootloader: {name}");
+        let _ = writeln!(out, "bootloader: {}", b.name());
     }
     if !ch.manifest.kernel_args.is_empty() {
         let _ = writeln!(
@@ -535,17 +525,17 @@ pub fn render_summary(ch: &Changes, dry_run: bool) -> String {
     out
 }
 
-/// The lines the initramfs hooks read: files to copy and modules to add for `version`.
-/// Empty when no device is configured (the hooks then add nothing).
-pub fn render_hook_files(root: &Root, version: &str) -> String {
-    if !root.exists(APPLIED) {
+/// The lines the initramfs hooks read: files to copy and modules to add for the
+/// kernel `km` (read for that version). Empty when no device is configured (the hooks
+/// then add nothing).
+pub fn render_hook_files(host: &Host, km: &KernelModules) -> String {
+    if !host.has(APPLIED) {
         return String::new();
     }
     let mut out = format!("file /{APPLIED} /{}\n", paths::CONFIG);
-    if root.exists(MODPROBE) {
+    if host.has(MODPROBE) {
         let _ = writeln!(out, "file /{MODPROBE} /{MODPROBE}");
     }
-    let km = KernelModules::read(root, version);
     let mods: Vec<&str> = if km.loadable.is_empty() {
         // Unknown kernel tree: name them all; the hooks tolerate missing ones.
         crate::kmod::VFIO_MODULES.to_vec()

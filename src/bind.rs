@@ -11,8 +11,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -73,38 +73,11 @@ impl Sysfs for RealSysfs {
                 self.root.dir().display()
             ));
         }
-        run_with_timeout(Command::new("modprobe").arg(name), MODPROBE_TIMEOUT)
-    }
-}
-
-/// Runs a command, killing it when it outlives `limit`.
-pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<(), String> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    let _ = io::Read::read_to_string(&mut s, &mut err);
-                }
-                return Err(format!("{shown} failed ({status}): {}", err.trim()));
-            }
-            Ok(None) if start.elapsed() > limit => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{shown} took over {}s; killed", limit.as_secs()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for {shown}: {e}")),
-        }
+        crate::command::run(
+            Command::new("modprobe").arg(name),
+            MODPROBE_TIMEOUT,
+            crate::command::Output::Quiet,
+        )
     }
 }
 
@@ -273,6 +246,25 @@ pub fn bind_devices(sys: &mut dyn Sysfs, plan: &Plan, log: &mut Log) -> BindRepo
     report
 }
 
+/// `vfio-early bind`: takes the configured devices now. Refuses (changing nothing)
+/// when the plan has errors; exit 1 when a device could not be bound.
+pub fn run_live(ctx: &crate::context::Context) -> crate::outcome::Outcome {
+    use crate::outcome::Outcome;
+    let problems = crate::list::render_problems(&ctx.plan.problems);
+    eprint!("{problems}");
+    if ctx.plan.has_errors() {
+        eprintln!("vfio-early: nothing was changed");
+        return Outcome::Failed;
+    }
+    let mut log = Log::stderr();
+    let mut sys = RealSysfs::new(ctx.root.clone());
+    let report = bind_devices(&mut sys, &ctx.plan, &mut log);
+    if report.devices.is_empty() {
+        eprintln!("vfio-early: the config takes no device on this machine");
+    }
+    Outcome::failed_if(report.failed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,11 +277,5 @@ mod tests {
         assert!(describe_io(&e).contains("disappeared"));
         let e = io::Error::from_raw_os_error(13);
         assert!(describe_io(&e).contains("root"));
-    }
-
-    #[test]
-    fn timeout_kills_a_stuck_command() {
-        let r = run_with_timeout(Command::new("sleep").arg("5"), Duration::from_millis(200));
-        assert!(r.unwrap_err().contains("killed"));
     }
 }

@@ -1,18 +1,15 @@
 //! Which bootloader passes the kernel its command line, and the GRUB drop-in text.
 //!
-//! Detection reads files under the root, in the order Proxmox, systemd-boot, GRUB:
-//! `etc/kernel/proxmox-boot-uuids` (non-empty) with `proxmox-boot-tool`; a systemd-boot
-//! loader on an ESP (`EFI/systemd/systemd-boot*.efi` under `boot/efi`, `efi` or `boot`);
-//! `update-grub` with `boot/grub/grub.cfg`. Rendering is pure.
+//! [`BootFacts::read`] reads what is installed under the root; detection and rendering
+//! are pure. Detection order: Proxmox (`etc/kernel/proxmox-boot-uuids` non-empty and
+//! `proxmox-boot-tool`), systemd-boot (`EFI/systemd/systemd-boot*.efi` on an ESP under
+//! `boot/efi`, `efi` or `boot`), GRUB (`update-grub` and `boot/grub/grub.cfg`).
 
 use serde::Serialize;
 
 use crate::config::BootloaderKind;
+use crate::paths;
 use crate::root::Root;
-
-pub const GRUB_DROPIN: &str = "etc/default/grub.d/vfio-early.cfg";
-pub const KERNEL_CMDLINE: &str = "etc/kernel/cmdline";
-pub const PROXMOX_UUIDS: &str = "etc/kernel/proxmox-boot-uuids";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -25,12 +22,63 @@ pub enum Bootloader {
     None,
 }
 
+/// What is installed that passes the kernel its command line: read once, judged by
+/// [`BootFacts::detect`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootFacts {
+    /// `etc/kernel/proxmox-boot-uuids` is non-empty and `proxmox-boot-tool` exists.
+    pub proxmox_boot_tool: bool,
+    /// A systemd-boot loader on an ESP (`EFI/systemd/systemd-boot*.efi`).
+    pub systemd_boot: bool,
+    /// `update-grub` and `boot/grub/grub.cfg` exist.
+    pub grub: bool,
+}
+
+impl BootFacts {
+    pub fn read(root: &Root) -> BootFacts {
+        let uuids = root.read_to_string(paths::PROXMOX_UUIDS).unwrap_or_default();
+        BootFacts {
+            proxmox_boot_tool: !uuids.trim().is_empty() && root.exists(paths::PROXMOX_BOOT_TOOL),
+            systemd_boot: paths::ESP_MOUNTS.iter().any(|esp| {
+                root.read_dir_names(std::path::Path::new(esp).join("EFI/systemd"))
+                    .iter()
+                    .any(|n| n.starts_with("systemd-boot"))
+            }),
+            grub: root.exists(paths::UPDATE_GRUB) && root.exists(paths::GRUB_CFG),
+        }
+    }
+
+    /// The detected bootloader, in the order Proxmox, systemd-boot, GRUB.
+    pub fn detect(&self) -> Bootloader {
+        if self.proxmox_boot_tool {
+            Bootloader::ProxmoxBootTool
+        } else if self.systemd_boot {
+            Bootloader::SystemdBoot
+        } else if self.grub {
+            Bootloader::Grub
+        } else {
+            Bootloader::None
+        }
+    }
+
+    /// The configured bootloader, or the detected one for `auto`.
+    pub fn resolve(&self, kind: BootloaderKind) -> Bootloader {
+        match kind {
+            BootloaderKind::Grub => Bootloader::Grub,
+            BootloaderKind::SystemdBoot => Bootloader::SystemdBoot,
+            BootloaderKind::ProxmoxBootTool => Bootloader::ProxmoxBootTool,
+            BootloaderKind::None => Bootloader::None,
+            BootloaderKind::Auto => self.detect(),
+        }
+    }
+}
+
 impl Bootloader {
     /// Whether kernel arguments go to the GRUB drop-in.
-    pub fn uses_grub_dropin(self, root: &Root) -> bool {
+    pub fn uses_grub_dropin(self, facts: &BootFacts) -> bool {
         match self {
             Bootloader::Grub => true,
-            Bootloader::ProxmoxBootTool => has_grub(root),
+            Bootloader::ProxmoxBootTool => facts.grub,
             _ => false,
         }
     }
@@ -39,44 +87,16 @@ impl Bootloader {
     pub fn uses_kernel_cmdline(self) -> bool {
         matches!(self, Bootloader::SystemdBoot | Bootloader::ProxmoxBootTool)
     }
-}
 
-fn has_grub(root: &Root) -> bool {
-    root.exists("usr/sbin/update-grub") && root.exists("boot/grub/grub.cfg")
-}
-
-/// The configured bootloader, or the detected one for `auto`.
-pub fn resolve(root: &Root, kind: BootloaderKind) -> Bootloader {
-    match kind {
-        BootloaderKind::Grub => Bootloader::Grub,
-        BootloaderKind::SystemdBoot => Bootloader::SystemdBoot,
-        BootloaderKind::ProxmoxBootTool => Bootloader::ProxmoxBootTool,
-        BootloaderKind::None => Bootloader::None,
-        BootloaderKind::Auto => detect(root),
-    }
-}
-
-pub fn detect(root: &Root) -> Bootloader {
-    let uuids = root.read_to_string(PROXMOX_UUIDS).unwrap_or_default();
-    if !uuids.trim().is_empty() && root.exists("usr/sbin/proxmox-boot-tool") {
-        return Bootloader::ProxmoxBootTool;
-    }
-    for esp in ["boot/efi", "efi", "boot"] {
-        let dir = root.path(esp).join("EFI/systemd");
-        let found = std::fs::read_dir(dir)
-            .map(|it| {
-                it.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().starts_with("systemd-boot"))
-            })
-            .unwrap_or(false);
-        if found {
-            return Bootloader::SystemdBoot;
+    /// The name users write in the config (`[bootloader] kind`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bootloader::Grub => "grub",
+            Bootloader::SystemdBoot => "systemd-boot",
+            Bootloader::ProxmoxBootTool => "proxmox-boot-tool",
+            Bootloader::None => "none",
         }
     }
-    if has_grub(root) {
-        return Bootloader::Grub;
-    }
-    Bootloader::None
 }
 
 /// The GRUB drop-in. It appends to `GRUB_CMDLINE_LINUX_DEFAULT` only, so recovery entries

@@ -5,8 +5,16 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::config::Config;
+use crate::context::Context;
+use crate::outcome::Outcome;
 use crate::list::render_problems;
-use crate::plan::{Plan, Verdict};
+use crate::plan::Plan;
+
+/// `vfio-early check`: exit 1 when the plan has errors.
+pub fn run(ctx: &Context) -> Outcome {
+    print!("{}", render(&ctx.config_path, &ctx.config, &ctx.plan));
+    Outcome::failed_if(ctx.plan.has_errors())
+}
 
 pub fn render(path: &Path, config: &Config, plan: &Plan) -> String {
     let mut out = String::new();
@@ -22,11 +30,7 @@ pub fn render(path: &Path, config: &Config, plan: &Plan) -> String {
         }
     );
     for d in &plan.decisions {
-        let verdict = match d.verdict {
-            Verdict::Take => "take",
-            Verdict::TakeForced => "take (forced)",
-            Verdict::Refuse => "REFUSE",
-        };
+        let verdict = d.verdict.label();
         let id = d.id.map(|i| i.to_string()).unwrap_or_else(|| "?".into());
         let _ = writeln!(out, "  {verdict:<13} {} [{id}]  {}", d.address, d.rule);
         if let Some(why) = &d.interlock {

@@ -1,17 +1,19 @@
-//! Command-line types (clap derive) and the dispatch to one module per subcommand.
+//! Command-line types (clap derive) and the dispatch: each subcommand loads its
+//! [`Context`] (config, host, machine, plan: read once) and calls one verb of its
+//! module. Nothing here reads, decides or prints beyond that.
 //!
-//! Exit status contract: 0 ok, 1 a check or action failed, 2 bad usage or bad config.
-//! Only this file and `main.rs` know the default root `/`.
+//! Exit status contract ([`Outcome`]): 0 ok, 1 a check or action failed, 2 bad usage or
+//! bad config. Only this file and `main.rs` know the default root `/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, ConfigError};
-use crate::kmsg::Log;
+use crate::context::{self, ConfigNeed, Context, PlanMode};
+use crate::outcome::Outcome;
 use crate::root::Root;
-use crate::{apply, bind, list, machine, paths, plan};
+use crate::{apply, bind, check, dump, early, initramfs, list, rom, status};
 
 const AFTER_HELP: &str = "\
 Typical use:
@@ -170,32 +172,11 @@ pub enum InitramfsCmd {
     },
 }
 
-/// The outcome of a command, mapped to the exit status contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Ok,
-    Failed,
-    Usage,
-}
-
-impl From<Status> for ExitCode {
-    fn from(s: Status) -> ExitCode {
-        match s {
-            Status::Ok => ExitCode::SUCCESS,
-            Status::Failed => ExitCode::from(1),
-            Status::Usage => ExitCode::from(2),
-        }
-    }
-}
-
 /// Parses the process arguments, runs the command, maps the outcome to an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Bind { early: true, .. } = cli.cmd {
-        return run_early(&cli).into();
-    }
     match run(&cli) {
-        Ok(status) => status.into(),
+        Ok(outcome) => outcome.into(),
         Err(e) => {
             eprintln!("vfio-early: error: {e:#}");
             ExitCode::from(1)
@@ -203,360 +184,80 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn config_path(cli: &Cli, root: &Root) -> PathBuf {
-    cli.config
-        .clone()
-        .unwrap_or_else(|| root.path(paths::CONFIG))
+/// Loads the context for a command; a bad config is printed (with `after`, a line
+/// saying what was not done) and becomes exit 2.
+fn load(
+    cli: &Cli,
+    need: ConfigNeed,
+    mode: PlanMode,
+    after: Option<&str>,
+) -> Result<Context, Outcome> {
+    Context::load(&cli.root, cli.config.as_deref(), need, mode).map_err(|e| {
+        eprintln!("vfio-early: error: {e}");
+        if let Some(line) = after {
+            eprintln!("vfio-early: {line}");
+        }
+        Outcome::Usage
+    })
 }
 
-/// Loads the config; a missing file is an empty config only when `missing_ok`.
-fn load_config(path: &Path, missing_ok: bool) -> Result<Config, ConfigError> {
-    if missing_ok && !path.exists() {
-        return Ok(Config::default());
-    }
-    config::load(path)
-}
-
-fn print_config_error(e: &ConfigError) {
-    eprintln!("vfio-early: error: {e}");
-}
-
-/// Runs one parsed command line (all but `bind --early`).
-pub fn run(cli: &Cli) -> anyhow::Result<Status> {
+/// Runs one parsed command line.
+pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
+    use ConfigNeed::{MissingIsEmpty, Required};
     let root = Root::new(&cli.root);
-    let cfg_path = config_path(cli, &root);
-    match &cli.cmd {
-        Cmd::List { json } => {
-            let config = match load_config(&cfg_path, true) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_config_error(&e);
-                    return Ok(Status::Usage);
-                }
-            };
-            let machine = machine::discover(&root);
-            let plan = plan::plan(&config, &machine, plan::Options::default());
-            if *json {
-                println!("{}", list::render_json(&machine, &plan));
-            } else {
-                print!("{}", list::render_table(&machine, &plan));
-            }
-            Ok(Status::Ok)
+    let ctx = |need, mode, after| load(cli, need, mode, after);
+    Ok(match &cli.cmd {
+        Cmd::List { json } => match ctx(MissingIsEmpty, PlanMode::Report, None) {
+            Ok(c) => list::run(&c, *json),
+            Err(o) => o,
+        },
+        Cmd::Check => match ctx(Required, PlanMode::Report, None) {
+            Ok(c) => check::run(&c),
+            Err(o) => o,
+        },
+        Cmd::Bind { early: true, .. } => {
+            early::run(&root, &context::config_path(&root, cli.config.as_deref()));
+            Outcome::Ok
         }
-        Cmd::Check => {
-            let config = match load_config(&cfg_path, false) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_config_error(&e);
-                    return Ok(Status::Usage);
-                }
-            };
-            let machine = machine::discover(&root);
-            let plan = plan::plan(&config, &machine, plan::Options::default());
-            print!("{}", crate::check::render(&cfg_path, &config, &plan));
-            Ok(if plan.has_errors() {
-                Status::Failed
-            } else {
-                Status::Ok
-            })
-        }
-        Cmd::Bind { force, .. } => {
-            let config = match load_config(&cfg_path, false) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_config_error(&e);
-                    return Ok(Status::Usage);
-                }
-            };
-            let machine = machine::discover(&root);
-            let opts = plan::Options {
-                force: *force,
-                live: true,
-            };
-            let plan = plan::plan(&config, &machine, opts);
-            if plan.has_errors() {
-                eprint!("{}", list::render_problems(&plan.problems));
-                eprintln!("vfio-early: nothing was changed");
-                return Ok(Status::Failed);
-            }
-            eprint!("{}", list::render_problems(&plan.problems));
-            let mut log = Log::stderr();
-            let mut sys = bind::RealSysfs::new(root);
-            let report = bind::bind_devices(&mut sys, &plan, &mut log);
-            if report.devices.is_empty() {
-                eprintln!("vfio-early: the config takes no device on this machine");
-            }
-            Ok(if report.failed() {
-                Status::Failed
-            } else {
-                Status::Ok
-            })
-        }
+        Cmd::Bind { force, .. } => match ctx(Required, PlanMode::LiveBind { force: *force }, None) {
+            Ok(c) => bind::run_live(&c),
+            Err(o) => o,
+        },
         Cmd::Apply {
             dry_run,
             force,
             if_configured,
         } => {
-            let loaded = config::read_text(&cfg_path)
-                .and_then(|t| config::parse(&t, &cfg_path).map(|c| (c, t)));
-            let (config, text) = match loaded {
-                Ok(c) => c,
-                Err(e) => {
-                    print_config_error(&e);
-                    eprintln!("vfio-early: nothing was written");
-                    return Ok(Status::Usage);
-                }
-            };
-            if *if_configured && config.devices.is_empty() && apply::read_manifest(&root)?.is_none()
-            {
-                println!("no device configured and nothing applied before: nothing to do");
-                return Ok(Status::Ok);
+            let mode = PlanMode::Apply { force: *force };
+            match ctx(Required, mode, Some("nothing was written")) {
+                Ok(c) => apply::apply(
+                    &c,
+                    apply::Options {
+                        dry_run: *dry_run,
+                        force: *force,
+                        if_configured: *if_configured,
+                    },
+                )?,
+                Err(o) => o,
             }
-            let machine = machine::discover(&root);
-            let plan = plan::plan(
-                &config,
-                &machine,
-                plan::Options {
-                    force: *force,
-                    live: false,
-                },
-            );
-            eprint!("{}", list::render_problems(&plan.problems));
-            if plan.has_errors() {
-                eprintln!("vfio-early: nothing was written");
-                return Ok(Status::Failed);
-            }
-            let kernels = crate::kmod::read_all(&root, &machine.installed_kernels);
-            let target = apply::Target {
-                forced: *force,
-                config: &config,
-                config_text: &text,
-                plan: &plan,
-                machine: &machine,
-                kernels: &kernels,
-            };
-            converge(&root, Some(&target), *dry_run)
         }
-        Cmd::Undo { dry_run } => converge(&root, None, *dry_run),
-        Cmd::Status { json } => {
-            let config = match load_config(&cfg_path, true) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_config_error(&e);
-                    return Ok(Status::Usage);
-                }
-            };
-            let machine = machine::discover(&root);
-            // As the early binder plans: interlocks overridden only when apply was forced.
-            let forced = root
-                .read_to_string(apply::APPLIED)
-                .map(|t| apply::applied_with_force(&t))
-                .unwrap_or(false);
-            let plan = plan::plan(
-                &config,
-                &machine,
-                plan::Options {
-                    force: forced,
-                    live: false,
-                },
-            );
-            let kernel_log = crate::kmsg::read_log(&root);
-            let report = crate::status::run(&crate::status::Inputs {
-                root: &root,
-                config: &config,
-                config_path: &cfg_path,
-                machine: &machine,
-                plan: &plan,
-                kernel_log: &kernel_log,
-            });
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", crate::status::render_table(&report));
-            }
-            Ok(if report.verdict == crate::status::Verdict::Fail {
-                Status::Failed
-            } else {
-                Status::Ok
-            })
+        Cmd::Undo { dry_run } => apply::undo(&root, *dry_run)?,
+        Cmd::Status { json } => match ctx(MissingIsEmpty, PlanMode::AsAppliedAtBoot, None) {
+            Ok(c) => status::run(&c, *json)?,
+            Err(o) => o,
+        },
+        Cmd::Rom(RomCmd::Dump { address, output }) => rom::dump(&root, *address, output)?,
+        Cmd::HookFiles { kernel } => apply::hook_files(&root, kernel),
+        Cmd::Initramfs(InitramfsCmd::Examine { image }) => initramfs::examine_cmd(image),
+        Cmd::Initramfs(InitramfsCmd::List { image }) => initramfs::list_cmd(image),
+        Cmd::Initramfs(InitramfsCmd::Verify { image, kernel }) => {
+            initramfs::verify_cmd(&root, image, kernel.as_deref())
         }
-        Cmd::Rom(RomCmd::Dump { address, output }) => {
-            let mut sys = bind::RealSysfs::new(root.clone());
-            let data = match crate::rom::read_rom(&mut sys, *address) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("vfio-early: error: {e}");
-                    return Ok(Status::Failed);
-                }
-            };
-            let info = match crate::rom::parse_rom(&data) {
-                Ok(i) => i,
-                Err(e) => {
-                    eprintln!("vfio-early: error: the ROM of {address} is not usable: {e}; nothing written");
-                    return Ok(Status::Failed);
-                }
-            };
-            let dir = output
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let name = output
-                .file_name()
-                .ok_or_else(|| anyhow::anyhow!("{} has no file name", output.display()))?;
-            Root::new(dir).write_atomic(name, &data)?;
-            let expected = crate::pci::read_device(&root, *address).id;
-            print!("{}", crate::rom::render(*address, expected, &info, output));
-            Ok(Status::Ok)
-        }
-        Cmd::HookFiles { kernel } => {
-            print!("{}", apply::render_hook_files(&root, kernel));
-            Ok(Status::Ok)
-        }
-        Cmd::Initramfs(sub) => Ok(run_initramfs(sub, &root)),
         Cmd::DebugDump { output } => {
-            let count = crate::dump::write_dump(&root, &cfg_path, output)?;
-            eprintln!(
-                "vfio-early: wrote {} ({count} entries); attach it to your bug report",
-                output.display()
-            );
-            Ok(Status::Ok)
+            let cfg = context::config_path(&root, cli.config.as_deref());
+            dump::run(&root, &cfg, output)?
         }
-    }
-}
-
-/// `initramfs examine|list|verify`: an unreadable or malformed image is exit 2.
-fn run_initramfs(cmd: &InitramfsCmd, root: &Root) -> Status {
-    use crate::initramfs::{examine, list, verify};
-    let fail = |image: &Path, e: &dyn std::fmt::Display| {
-        eprintln!("vfio-early: error: {}: {e}", image.display());
-        Status::Usage
-    };
-    match cmd {
-        InitramfsCmd::Examine { image } => match examine::examine_image(image) {
-            Ok(segments) => {
-                print!("{}", examine::render_table(&segments));
-                Status::Ok
-            }
-            Err(e) => fail(image, &e),
-        },
-        InitramfsCmd::List { image } => match list::list_image(image, std::io::stdout().lock()) {
-            Ok(()) => Status::Ok,
-            Err(e) if list::is_broken_pipe(&e) => Status::Ok,
-            Err(e) => fail(image, &e),
-        },
-        InitramfsCmd::Verify { image, kernel } => {
-            // The drop-in is expected exactly when this system has one.
-            let want_modprobe = root.exists(crate::apply::MODPROBE);
-            match verify::verify_image(image, kernel.as_deref(), want_modprobe) {
-                Ok(v) => {
-                    print!("{}", verify::render(&v));
-                    if v.complete() {
-                        Status::Ok
-                    } else {
-                        Status::Failed
-                    }
-                }
-                Err(e) => fail(image, &e),
-            }
-        }
-    }
-}
-
-/// Shared by apply and undo: compute, show, write, regenerate.
-fn converge(root: &Root, target: Option<&apply::Target>, dry_run: bool) -> anyhow::Result<Status> {
-    let ch = apply::compute(root, target)?;
-    let mut stdout = std::io::stdout();
-    print!("{}", apply::render_summary(&ch, dry_run));
-    if dry_run {
-        print!("{}", apply::render_diff(&ch));
-        return Ok(Status::Ok);
-    }
-    if ch.is_empty() {
-        return Ok(Status::Ok);
-    }
-    apply::commit(root, &ch, &mut apply::AtomicWriter)?;
-    apply::run_commands(root, &ch, &mut stdout)?;
-    Ok(Status::Ok)
-}
-
-/// `bind --early`: from the initramfs. Never fails, never panics outward, exits 0.
-pub fn run_early(cli: &Cli) -> Status {
-    let root = Root::new(&cli.root);
-    let mut log = Log::kmsg(&root);
-    let cfg_path = config_path(cli, &root);
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        early_bind(&root, &cfg_path, &mut log)
-    }));
-    if outcome.is_err() {
-        log.error("internal error in the early binder; boot continues without it");
-    }
-    Status::Ok
-}
-
-/// The early binder's steps; every failure is logged and ends the step quietly.
-pub fn early_bind(root: &Root, cfg_path: &Path, log: &mut Log) {
-    let cmdline = root.read_attr(paths::PROC_CMDLINE).unwrap_or_default();
-    if cmdline
-        .split_whitespace()
-        .any(|t| t == "vfio_early=off" || t == "vfio-early=off")
-    {
-        log.warn("disabled by vfio_early=off on the kernel command line; nothing done");
-        return;
-    }
-    if !cfg_path.exists() {
-        log.info(&format!(
-            "no config at {}; nothing to do",
-            cfg_path.display()
-        ));
-        return;
-    }
-    // Read once: the text gives both the config and apply's --force marker.
-    let parsed = config::read_text(cfg_path).and_then(|t| {
-        let forced = apply::applied_with_force(&t);
-        config::parse(&t, cfg_path).map(|c| (c, forced))
-    });
-    let (config, forced) = match parsed {
-        Ok(c) => c,
-        Err(e) => {
-            let first = e.to_string();
-            let first = first.lines().next().unwrap_or("invalid config");
-            log.error(&format!("config error, nothing bound: {first}"));
-            return;
-        }
-    };
-    let machine = machine::discover(root);
-    // `apply` is the gate for interlocks, but it may have run where the devices were not
-    // visible (a chroot, before a card was fitted): the interlocks that can be judged
-    // this early (bridges, the only display) are judged again, unless apply was forced.
-    // The root filesystem is not mounted yet, so that one is apply's alone.
-    let opts = plan::Options {
-        force: forced,
-        live: true,
-    };
-    let plan = plan::plan(&config, &machine, opts);
-    for p in &plan.problems {
-        log.warn(&p.message);
-    }
-    if plan.targets().next().is_none() {
-        log.info("the config takes no device on this boot");
-        return;
-    }
-    let mut sys = bind::RealSysfs::new(root.clone());
-    let report = bind::bind_devices(&mut sys, &plan, log);
-    let bound = report
-        .devices
-        .iter()
-        .filter(|d| {
-            matches!(
-                d.outcome,
-                bind::Outcome::Bound | bind::Outcome::AlreadyBound
-            )
-        })
-        .count();
-    log.info(&format!(
-        "done: {bound} of {} device(s) on vfio-pci",
-        report.devices.len()
-    ));
+    })
 }
 
 #[cfg(test)]

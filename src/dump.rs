@@ -176,6 +176,16 @@ fn collect(root: &Root, config: &Path) -> Collection {
     c
 }
 
+/// `vfio-early debug-dump -o FILE`.
+pub fn run(root: &Root, config: &Path, output: &Path) -> anyhow::Result<crate::outcome::Outcome> {
+    let count = write_dump(root, config, output)?;
+    eprintln!(
+        "vfio-early: wrote {} ({count} entries); attach it to your bug report",
+        output.display()
+    );
+    Ok(crate::outcome::Outcome::Ok)
+}
+
 /// Writes the archive; returns the number of entries.
 pub fn write_dump(root: &Root, config: &Path, output: &Path) -> anyhow::Result<usize> {
     let c = collect(root, config);

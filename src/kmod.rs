@@ -20,6 +20,10 @@ pub const VFIO_MODULES: &[&str] = &[
     "vfio_pci",
 ];
 
+/// The modules that must be loaded (or built in) for passthrough to work: the rest of
+/// [`VFIO_MODULES`] are their dependencies, present or not by kernel version.
+pub const VFIO_CORE_MODULES: &[&str] = &["vfio", "vfio_iommu_type1", "vfio_pci"];
+
 /// The vfio modules a kernel of `version` needs, in load order, from the version alone
 /// (for an initramfs image, whose module tree may hold no `modules.dep`):
 /// `vfio_pci_core` exists from 5.15, `vfio_virqfd` until 6.1. An unparsable version is

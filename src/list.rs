@@ -6,7 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::context::Context;
 use crate::machine::Machine;
+use crate::outcome::Outcome;
 use crate::pci::{PciAddress, VendorDevice};
 use crate::plan::{Plan, Problem, Verdict};
 
@@ -35,6 +37,16 @@ pub struct ListReport<'a> {
     pub schema: u32,
     pub devices: Vec<Row>,
     pub problems: &'a [Problem],
+}
+
+/// `vfio-early list [--json]`.
+pub fn run(ctx: &Context, json: bool) -> Outcome {
+    if json {
+        println!("{}", render_json(&ctx.machine, &ctx.plan));
+    } else {
+        print!("{}", render_table(&ctx.machine, &ctx.plan));
+    }
+    Outcome::Ok
 }
 
 pub fn rows(machine: &Machine, plan: &Plan) -> Vec<Row> {
@@ -106,12 +118,7 @@ pub fn render_table(machine: &Machine, plan: &Plan) -> String {
             } else {
                 r.class_name.to_string()
             };
-            let vfio = match &r.verdict {
-                Some(Verdict::Take) => "take".to_string(),
-                Some(Verdict::TakeForced) => "take (forced)".to_string(),
-                Some(Verdict::Refuse) => "REFUSED".to_string(),
-                None => "-".to_string(),
-            };
+            let vfio = r.verdict.as_ref().map_or("-", Verdict::label).to_string();
             [
                 r.address.to_string(),
                 opt(&r.id),

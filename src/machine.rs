@@ -44,6 +44,10 @@ pub struct Machine {
     pub iommu_units: Vec<String>,
     /// PCI devices behind `/`, `/boot`, `/boot/efi`, `/usr`, `/var`.
     pub system_disks: Vec<SystemDisk>,
+    /// Module facts of each installed kernel, for the softdeps; read only where a plan
+    /// needs them (apply), empty otherwise.
+    #[serde(skip)]
+    pub kernels: Vec<crate::kmod::KernelModules>,
 }
 
 impl Machine {
@@ -73,6 +77,7 @@ pub fn discover(root: &Root) -> Machine {
         installed_kernels: list_dir_names(root, paths::LIB_MODULES),
         iommu_units: list_dir_names(root, paths::IOMMU_CLASS),
         system_disks: find_system_disks(root),
+        kernels: Vec::new(),
     }
 }
 

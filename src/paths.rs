@@ -25,6 +25,44 @@ pub const LIB_MODULES: &str = "lib/modules";
 pub const BOOT: &str = "boot";
 pub const STATE_DIR: &str = "var/lib/vfio-early";
 
+// Files vfio-early owns (written by `apply`, removed by `undo`).
+pub const MANIFEST: &str = "var/lib/vfio-early/manifest.json";
+pub const APPLIED: &str = "var/lib/vfio-early/applied.toml";
+pub const MODPROBE: &str = "etc/modprobe.d/vfio-early.conf";
+pub const GRUB_DROPIN: &str = "etc/default/grub.d/vfio-early.cfg";
+/// Shared with the user and kernel-install: vfio-early owns only its tokens.
+pub const KERNEL_CMDLINE: &str = "etc/kernel/cmdline";
+
+// Bootloaders and initramfs generators, as installed.
+pub const GRUB_CFG: &str = "boot/grub/grub.cfg";
+pub const UPDATE_GRUB: &str = "usr/sbin/update-grub";
+pub const PROXMOX_UUIDS: &str = "etc/kernel/proxmox-boot-uuids";
+pub const PROXMOX_BOOT_TOOL: &str = "usr/sbin/proxmox-boot-tool";
+/// Where an ESP may be mounted; systemd-boot lives in `EFI/systemd/` on it.
+pub const ESP_MOUNTS: &[&str] = &["boot/efi", "efi", "boot"];
+pub const UPDATE_INITRAMFS: &str = "usr/sbin/update-initramfs";
+pub const DRACUT: &str = "usr/bin/dracut";
+
+// Paths inside an initramfs image (relative to its root), for `initramfs verify`.
+/// Where the hooks put the binary: `copy_exec ... /usr/sbin` (initramfs-tools) and
+/// `inst_binary` (dracut); the others are the same file on merged-/usr trees.
+pub const IMAGE_BINARY: &[&str] = &[
+    "usr/sbin/vfio-early",
+    "sbin/vfio-early",
+    "usr/bin/vfio-early",
+    "bin/vfio-early",
+];
+pub const IMAGE_MODPROBE: &[&str] = &[MODPROBE];
+/// initramfs-tools copies `scripts/init-top/00vfio-early`; dracut's `inst_hook pre-udev
+/// 00` installs under its hook directory, which moved from /lib to /var/lib.
+pub const IMAGE_BOOT_SCRIPT: &[&str] = &[
+    "scripts/init-top/00vfio-early",
+    "var/lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
+    "lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
+    "usr/lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
+];
+pub const IMAGE_MODULE_DIRS: &[&str] = &["lib/modules/", "usr/lib/modules/"];
+
 /// All constants above, for the test that rejects absolute paths.
 pub const ALL: &[&str] = &[
     PCI_DEVICES,
@@ -48,13 +86,33 @@ pub const ALL: &[&str] = &[
     LIB_MODULES,
     BOOT,
     STATE_DIR,
+    MANIFEST,
+    APPLIED,
+    MODPROBE,
+    GRUB_DROPIN,
+    KERNEL_CMDLINE,
+    GRUB_CFG,
+    UPDATE_GRUB,
+    PROXMOX_UUIDS,
+    PROXMOX_BOOT_TOOL,
+    UPDATE_INITRAMFS,
+    DRACUT,
+];
+
+/// The lists of paths above, for the same test.
+pub const ALL_LISTS: &[&[&str]] = &[
+    ESP_MOUNTS,
+    IMAGE_BINARY,
+    IMAGE_MODPROBE,
+    IMAGE_BOOT_SCRIPT,
+    IMAGE_MODULE_DIRS,
 ];
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn no_path_constant_is_absolute() {
-        for p in super::ALL {
+        for p in super::ALL.iter().chain(super::ALL_LISTS.iter().copied().flatten()) {
             assert!(!p.starts_with('/'), "{p} is absolute");
             assert!(!p.contains(".."), "{p} climbs out of the root");
         }

@@ -4,11 +4,14 @@
 //! Pure: no I/O. Every decision carries a reason a user can read; renderers and reports
 //! print reasons, they never re-decide.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use serde::Serialize;
 
+use crate::bind::VFIO_DRIVER;
 use crate::config::{AcsOverride, Config, DeviceEntry, Framebuffer, IommuVendor};
+use crate::kmod::normalize;
 use crate::machine::{CpuVendor, Machine};
 use crate::pci::{Device, PciAddress, VendorDevice};
 
@@ -24,6 +27,59 @@ pub enum Verdict {
     TakeForced,
 }
 
+impl Verdict {
+    /// The word reports print for the verdict (`list`'s VFIO column, `check`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Take => "take",
+            Verdict::TakeForced => "take (forced)",
+            Verdict::Refuse => "REFUSED",
+        }
+    }
+}
+
+/// Why a selected device must stay with the host. `Display` is the sentence reports
+/// print after "it": "it is a PCI bridge (...)".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Interlock {
+    /// A bridge: everything behind it would go too.
+    Bridge { class_name: String },
+    /// It holds mounted system filesystems.
+    SystemDisk { mounts: Vec<String> },
+    /// The boot VGA, and no other display stays with the host.
+    OnlyDisplay,
+    /// Live binds need an active IOMMU (vfio-pci's probe fails without one).
+    NeedsIommu,
+    /// Another function of its slot, taken with it (`whole_slot`), is refused.
+    CompanionOfRefused { primary: PciAddress },
+}
+
+impl fmt::Display for Interlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Interlock::Bridge { class_name } => write!(
+                f,
+                "is a {class_name} (taking it cuts off everything behind it)"
+            ),
+            Interlock::SystemDisk { mounts } => write!(
+                f,
+                "holds the filesystem mounted at {} (the host would lose its disk)",
+                mounts.join(", ")
+            ),
+            Interlock::OnlyDisplay => write!(
+                f,
+                "is the boot VGA and the host's only display (the console would go dark)"
+            ),
+            Interlock::NeedsIommu => write!(f, "needs an active IOMMU"),
+            Interlock::CompanionOfRefused { primary } => write!(
+                f,
+                "goes with {primary} (same slot, whole_slot), which is refused"
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub address: PciAddress,
@@ -34,7 +90,7 @@ pub struct Decision {
     /// Why it was selected (which rule of the entry).
     pub rule: String,
     /// Why an interlock objected, if one did.
-    pub interlock: Option<String>,
+    pub interlock: Option<Interlock>,
 }
 
 impl Decision {
@@ -52,11 +108,62 @@ pub enum Severity {
     Error,
 }
 
+/// What a problem is about, for callers that act on a kind of problem (`status`) rather
+/// than print it. Entries are 1-based `[[device]]` indices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A live bind without an active IOMMU: nothing is taken.
+    NoIommu,
+    /// The entry's `address` holds no device.
+    NoDeviceAtAddress { entry: usize },
+    /// The device at the entry's `address` has another id.
+    IdentityMismatch { entry: usize },
+    /// No device matches the entry.
+    UnmatchedEntry { entry: usize },
+    /// A device is selected and an interlock refuses it.
+    Refused {
+        address: PciAddress,
+        interlock: Interlock,
+    },
+    /// A device is selected, an interlock objected, and `--force` overrode it.
+    Forced {
+        address: PciAddress,
+        interlock: Interlock,
+    },
+    /// A taken device is in no IOMMU group.
+    NoIommuGroup { address: PciAddress },
+    /// An IOMMU group holds taken devices and endpoints the host keeps.
+    SplitGroup {
+        group: u32,
+        taken: Vec<PciAddress>,
+        kept: Vec<PciAddress>,
+    },
+    /// `acs_override` on a kernel that looks unpatched.
+    AcsUnpatched,
+    /// `allow_unsafe_interrupts` is on.
+    UnsafeInterrupts,
+    /// `vendor = "auto"` and the CPU vendor is unknown.
+    UnknownCpuVendor,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
+    #[serde(skip)]
+    pub kind: ProblemKind,
     pub severity: Severity,
     pub message: String,
     pub fix: String,
+}
+
+impl Problem {
+    fn new(kind: ProblemKind, severity: Severity, message: String, fix: &str) -> Problem {
+        Problem {
+            kind,
+            severity,
+            message,
+            fix: fix.to_string(),
+        }
+    }
 }
 
 /// One kernel command-line token and why it is there.
@@ -71,6 +178,10 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     pub problems: Vec<Problem>,
     pub kernel_args: Vec<KernelArg>,
+    /// Drivers that vfio-pci must load before (modprobe softdeps): every driver that
+    /// could claim a taken device on an installed kernel. Empty unless the machine's
+    /// kernel module facts were read (apply).
+    pub softdeps: Vec<String>,
 }
 
 impl Plan {
@@ -85,6 +196,22 @@ impl Plan {
 
     pub fn has_errors(&self) -> bool {
         self.problems.iter().any(|p| p.severity == Severity::Error)
+    }
+
+    /// The 1-based entries that selected no device on this machine (absent, moved, or
+    /// narrowed away), in order.
+    pub fn unmatched_entries(&self, config: &Config) -> Vec<usize> {
+        (1..=config.devices.len())
+            .filter(|n| !self.decisions.iter().any(|d| d.entry == *n))
+            .collect()
+    }
+
+    /// The split-group problems: groups that hold taken devices and devices the host
+    /// keeps.
+    pub fn split_groups(&self) -> impl Iterator<Item = &Problem> {
+        self.problems
+            .iter()
+            .filter(|p| matches!(p.kind, ProblemKind::SplitGroup { .. }))
     }
 }
 
@@ -101,10 +228,19 @@ pub struct Options {
     pub live: bool,
 }
 
+/// Why a device was selected: the entry, the rule, and for a `whole_slot` companion the
+/// device it goes with.
+#[derive(Debug, Clone)]
+struct Selection {
+    entry: usize,
+    rule: String,
+    companion_of: Option<PciAddress>,
+}
+
 /// Makes the plan. See the module documentation.
 pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
     let mut plan = Plan::default();
-    let mut selected: BTreeMap<PciAddress, (usize, String)> = BTreeMap::new();
+    let mut selected: BTreeMap<PciAddress, Selection> = BTreeMap::new();
 
     for (i, entry) in config.devices.iter().enumerate() {
         select_for_entry(i + 1, entry, machine, &mut selected, &mut plan.problems);
@@ -112,68 +248,95 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
 
     let no_iommu = opts.live && machine.iommu_units.is_empty() && !selected.is_empty();
     if no_iommu {
-        plan.problems.push(Problem {
-            severity: Severity::Warning,
-            message: "no IOMMU is active on this boot, so vfio-pci cannot take devices; \
-                      every selected device stays on its driver"
+        plan.problems.push(Problem::new(
+            ProblemKind::NoIommu,
+            Severity::Warning,
+            "no IOMMU is active on this boot, so vfio-pci cannot take devices; \
+             every selected device stays on its driver"
                 .to_string(),
-            fix: "enable VT-d / AMD-Vi (IOMMU) in the firmware setup, run `vfio-early apply` \
-                  for the kernel arguments, reboot, and see `vfio-early status`"
-                .to_string(),
-        });
+            "enable VT-d / AMD-Vi (IOMMU) in the firmware setup, run `vfio-early apply` \
+             for the kernel arguments, reboot, and see `vfio-early status`",
+        ));
     }
-    for (address, (entry, rule)) in selected {
-        let Some(device) = machine.device(address) else {
+    // Primaries first, so that a companion knows whether the device it goes with is
+    // refused; decisions are then kept in address order.
+    let (primaries, companions): (Vec<_>, Vec<_>) = selected
+        .iter()
+        .partition(|(_, sel)| sel.companion_of.is_none());
+    for (address, sel) in primaries.into_iter().chain(companions) {
+        let Some(device) = machine.device(*address) else {
             continue;
         };
-        if no_iommu {
-            plan.decisions.push(Decision {
-                address,
-                id: device.id,
-                verdict: Verdict::Refuse,
-                entry,
-                rule,
-                interlock: Some("needs an active IOMMU".to_string()),
-            });
-            continue;
-        }
-        let interlock = interlock_for(device, machine, &config.devices);
+        let interlock = if no_iommu {
+            Some(Interlock::NeedsIommu)
+        } else {
+            interlock_for(device, machine, &selected).or_else(|| {
+                let primary = sel.companion_of?;
+                let refused = plan
+                    .decision(primary)
+                    .is_some_and(|d| d.verdict == Verdict::Refuse);
+                refused.then_some(Interlock::CompanionOfRefused { primary })
+            })
+        };
         let verdict = match (&interlock, opts.force) {
             (None, _) => Verdict::Take,
+            (Some(Interlock::NeedsIommu), _) => Verdict::Refuse,
             (Some(_), true) => Verdict::TakeForced,
             (Some(_), false) => Verdict::Refuse,
         };
-        if let Some(why) = &interlock {
-            plan.problems.push(match verdict {
-                Verdict::TakeForced => Problem {
-                    severity: Severity::Warning,
-                    message: format!("{address} taken although it {why} (--force)"),
-                    fix: "make sure the host has another way to boot and be reached".to_string(),
-                },
-                _ => Problem {
-                    severity: Severity::Error,
-                    message: format!("refusing to take {address}: it {why}"),
-                    fix: format!(
-                        "remove or narrow entry {entry} (e.g. with `address =`), or run \
-                         again with --force if you really mean it"
-                    ),
-                },
-            });
+        if let Some(why) = interlock.clone().filter(|i| *i != Interlock::NeedsIommu) {
+            plan.problems.push(interlock_problem(*address, sel.entry, why, &verdict));
         }
         plan.decisions.push(Decision {
-            address,
+            address: *address,
             id: device.id,
             verdict,
-            entry,
-            rule,
+            entry: sel.entry,
+            rule: sel.rule.clone(),
             interlock,
         });
     }
+    plan.decisions.sort_by_key(|d| d.address);
 
     check_groups(machine, &mut plan);
     plan.kernel_args = kernel_args(config, machine, &plan);
     plan.problems.extend(kernel_arg_problems(config, machine));
+    plan.softdeps = softdeps(config, machine, &plan);
     plan
+}
+
+/// The problem an interlock raises: an error when it refuses, a warning when forced, a
+/// note for a companion (its primary's refusal is the error).
+fn interlock_problem(address: PciAddress, entry: usize, why: Interlock, verdict: &Verdict) -> Problem {
+    match verdict {
+        Verdict::TakeForced => Problem::new(
+            ProblemKind::Forced {
+                address,
+                interlock: why.clone(),
+            },
+            Severity::Warning,
+            format!("{address} taken although it {why} (--force)"),
+            "make sure the host has another way to boot and be reached",
+        ),
+        _ => {
+            let severity = match why {
+                Interlock::CompanionOfRefused { .. } => Severity::Note,
+                _ => Severity::Error,
+            };
+            Problem::new(
+                ProblemKind::Refused {
+                    address,
+                    interlock: why.clone(),
+                },
+                severity,
+                format!("refusing to take {address}: it {why}"),
+                &format!(
+                    "remove or narrow entry {entry} (e.g. with `address =`), or run \
+                     again with --force if you really mean it"
+                ),
+            )
+        }
+    }
 }
 
 /// Adds every device the entry selects to `selected` (first entry wins).
@@ -181,33 +344,34 @@ fn select_for_entry(
     n: usize,
     entry: &DeviceEntry,
     machine: &Machine,
-    selected: &mut BTreeMap<PciAddress, (usize, String)>,
+    selected: &mut BTreeMap<PciAddress, Selection>,
     problems: &mut Vec<Problem>,
 ) {
     let id = entry.id;
     if let Some(addr) = entry.address {
         match machine.device(addr) {
             None => {
-                problems.push(Problem {
-                    severity: Severity::Warning,
-                    message: format!("entry {n}: no device at {addr} (wanted {id})"),
-                    fix: "check `vfio-early list`; the card may be absent or moved".to_string(),
-                });
+                problems.push(Problem::new(
+                    ProblemKind::NoDeviceAtAddress { entry: n },
+                    Severity::Warning,
+                    format!("entry {n}: no device at {addr} (wanted {id})"),
+                    "check `vfio-early list`; the card may be absent or moved",
+                ));
                 return;
             }
             Some(d) if d.id != Some(id) => {
                 let found =
                     d.id.map(|v| v.to_string())
                         .unwrap_or_else(|| "unknown".into());
-                problems.push(Problem {
-                    severity: Severity::Error,
-                    message: format!(
+                problems.push(Problem::new(
+                    ProblemKind::IdentityMismatch { entry: n },
+                    Severity::Error,
+                    format!(
                         "entry {n}: the device at {addr} is {found}, not {id}; nothing is \
                          taken there (a card was moved or added?)"
                     ),
-                    fix: "check `vfio-early list` and correct the entry's address or id"
-                        .to_string(),
-                });
+                    "check `vfio-early list` and correct the entry's address or id",
+                ));
                 return;
             }
             Some(_) => {}
@@ -216,33 +380,29 @@ fn select_for_entry(
     let matches: Vec<&Device> = machine
         .devices
         .iter()
-        .filter(|d| d.id == Some(id))
-        .filter(|d| entry.address.is_none_or(|a| a == d.address))
-        .filter(|d| entry.subsystem.is_none_or(|s| d.subsystem == Some(s)))
-        .filter(|d| {
-            entry
-                .class
-                .is_none_or(|c| d.class.is_some_and(|dc| c.matches(dc)))
-        })
+        .filter(|d| entry_matches(entry, d))
         .collect();
     if matches.is_empty() {
-        if entry.address.is_none() {
-            problems.push(Problem {
-                severity: Severity::Warning,
-                message: format!("entry {n}: no device matches {}", describe_entry(entry)),
-                fix: "check `vfio-early list`; the device may be absent on this machine"
-                    .to_string(),
-            });
+        let (message, fix) = if entry.address.is_none() {
+            (
+                format!("entry {n}: no device matches {}", describe_entry(entry)),
+                "check `vfio-early list`; the device may be absent on this machine",
+            )
         } else {
-            problems.push(Problem {
-                severity: Severity::Warning,
-                message: format!(
+            (
+                format!(
                     "entry {n}: the device at the address does not match {}",
                     describe_entry(entry)
                 ),
-                fix: "check the entry's subsystem and class against `vfio-early list`".to_string(),
-            });
-        }
+                "check the entry's subsystem and class against `vfio-early list`",
+            )
+        };
+        problems.push(Problem::new(
+            ProblemKind::UnmatchedEntry { entry: n },
+            Severity::Warning,
+            message,
+            fix,
+        ));
         return;
     }
     let mut rule = format!("entry {n}: id {id}");
@@ -256,7 +416,11 @@ fn select_for_entry(
         rule.push_str(&format!(", class {c}"));
     }
     for d in &matches {
-        selected.entry(d.address).or_insert((n, rule.clone()));
+        selected.entry(d.address).or_insert(Selection {
+            entry: n,
+            rule: rule.clone(),
+            companion_of: None,
+        });
     }
     if entry.whole_slot {
         for d in &matches {
@@ -265,13 +429,25 @@ fn select_for_entry(
                 .iter()
                 .filter(|s| s.address != d.address && s.address.same_slot(&d.address))
             {
-                selected.entry(sibling.address).or_insert((
-                    n,
-                    format!("entry {n}: same slot as {} (whole_slot)", d.address),
-                ));
+                selected.entry(sibling.address).or_insert(Selection {
+                    entry: n,
+                    rule: format!("entry {n}: same slot as {} (whole_slot)", d.address),
+                    companion_of: Some(d.address),
+                });
             }
         }
     }
+}
+
+/// The selection rule of one entry for one device: id, then the optional address,
+/// subsystem and class narrowing.
+fn entry_matches(entry: &DeviceEntry, d: &Device) -> bool {
+    d.id == Some(entry.id)
+        && entry.address.is_none_or(|a| a == d.address)
+        && entry.subsystem.is_none_or(|s| d.subsystem == Some(s))
+        && entry
+            .class
+            .is_none_or(|c| d.class.is_some_and(|dc| c.matches(dc)))
 }
 
 fn describe_entry(entry: &DeviceEntry) -> String {
@@ -285,42 +461,38 @@ fn describe_entry(entry: &DeviceEntry) -> String {
     s
 }
 
-/// Why a device must stay with the host, if it must.
-fn interlock_for(device: &Device, machine: &Machine, entries: &[DeviceEntry]) -> Option<String> {
+/// Why a device must stay with the host, if it must. `selected` is the planner's own
+/// selection: a display it selects does not keep the host a console.
+fn interlock_for(
+    device: &Device,
+    machine: &Machine,
+    selected: &BTreeMap<PciAddress, Selection>,
+) -> Option<Interlock> {
     if let Some(class) = device.class {
         if class.is_bridge() {
-            return Some(format!(
-                "is a {} (taking it cuts off everything behind it)",
-                class.name()
-            ));
+            return Some(Interlock::Bridge {
+                class_name: class.name().to_string(),
+            });
         }
     }
-    let mounts: Vec<&str> = machine
+    let mounts: Vec<String> = machine
         .system_disks
         .iter()
         .filter(|s| s.address == device.address)
-        .map(|s| s.mount_point.as_str())
+        .map(|s| s.mount_point.clone())
         .collect();
     if !mounts.is_empty() {
-        return Some(format!(
-            "holds the filesystem mounted at {} (the host would lose its disk)",
-            mounts.join(", ")
-        ));
+        return Some(Interlock::SystemDisk { mounts });
     }
     if device.boot_vga {
-        // Another display that no entry selects keeps the host a console.
+        // Another display that the config does not select keeps the host a console.
         let other_display = machine.devices.iter().any(|d| {
             d.address != device.address
                 && d.class.is_some_and(|c| c.is_display())
-                && !entries
-                    .iter()
-                    .any(|e| d.id == Some(e.id) && e.address.is_none_or(|a| a == d.address))
+                && !selected.contains_key(&d.address)
         });
         if !other_display {
-            return Some(
-                "is the boot VGA and the host's only display (the console would go dark)"
-                    .to_string(),
-            );
+            return Some(Interlock::OnlyDisplay);
         }
     }
     None
@@ -333,13 +505,13 @@ fn check_groups(machine: &Machine, plan: &mut Plan) {
     for addr in &taken {
         match machine.device(*addr).and_then(|d| d.iommu_group) {
             Some(g) => groups.entry(g).or_default().push(*addr),
-            None => plan.problems.push(Problem {
-                severity: Severity::Warning,
-                message: format!("{addr} has no IOMMU group: the IOMMU is off or absent"),
-                fix: "enable VT-d / AMD-Vi in the firmware setup; vfio-early apply adds \
-                      the kernel arguments"
-                    .to_string(),
-            }),
+            None => plan.problems.push(Problem::new(
+                ProblemKind::NoIommuGroup { address: *addr },
+                Severity::Warning,
+                format!("{addr} has no IOMMU group: the IOMMU is off or absent"),
+                "enable VT-d / AMD-Vi in the firmware setup; vfio-early apply adds \
+                 the kernel arguments",
+            )),
         }
     }
     for (group, members_taken) in groups {
@@ -348,7 +520,7 @@ fn check_groups(machine: &Machine, plan: &mut Plan) {
             .iter()
             .filter(|d| d.iommu_group == Some(group) && !taken.contains(&d.address))
             .filter(|d| !d.class.is_some_and(|c| c.is_bridge()))
-            .filter(|d| !matches!(d.driver.as_deref(), Some("vfio-pci") | Some("pci-stub")))
+            .filter(|d| !matches!(d.driver.as_deref(), Some(VFIO_DRIVER) | Some("pci-stub")))
             .collect();
         if others.is_empty() {
             continue;
@@ -365,19 +537,58 @@ fn check_groups(machine: &Machine, plan: &mut Plan) {
             })
             .collect();
         let taken_names: Vec<String> = members_taken.iter().map(|a| a.to_string()).collect();
-        plan.problems.push(Problem {
-            severity: Severity::Warning,
-            message: format!(
+        plan.problems.push(Problem::new(
+            ProblemKind::SplitGroup {
+                group,
+                taken: members_taken.clone(),
+                kept: others.iter().map(|d| d.address).collect(),
+            },
+            Severity::Warning,
+            format!(
                 "IOMMU group {group} holds {} (taken) and also {}, which the host keeps; \
                  a VM can use a group only when every endpoint in it is on vfio-pci",
                 taken_names.join(", "),
                 names.join(", ")
             ),
-            fix: "take the other members too (add entries), or move the card to a slot \
-                  with its own group"
-                .to_string(),
-        });
+            "take the other members too (add entries), or move the card to a slot \
+             with its own group",
+        ));
     }
+}
+
+/// Drivers that could claim a taken device, on any installed kernel: vfio-pci loads
+/// before each (softdep). An entry that finds no device here (apply in a chroot, a card
+/// not fitted yet) still gets the drivers that name its id, so the image is ready when
+/// the device appears.
+fn softdeps(config: &Config, machine: &Machine, plan: &Plan) -> Vec<String> {
+    let kernels = &machine.kernels;
+    let mut out = BTreeSet::new();
+    for n in plan.unmatched_entries(config) {
+        let Some(entry) = config.devices.get(n - 1) else {
+            continue;
+        };
+        for k in kernels {
+            out.extend(k.drivers_for_id(entry.id.vendor, entry.id.device));
+        }
+    }
+    for d in plan.targets() {
+        let Some(dev) = machine.device(d.address) else {
+            continue;
+        };
+        if let Some(drv) = &dev.driver {
+            out.insert(normalize(drv));
+        }
+        if let Some(alias) = &dev.modalias {
+            for k in kernels {
+                out.extend(k.drivers_for(alias));
+            }
+        }
+    }
+    // vfio-pci itself, and pcieport/pci-stub, are never softdep targets.
+    for never in ["vfio_pci", "pci_stub", "pcieport"] {
+        out.remove(never);
+    }
+    out.into_iter().collect()
 }
 
 /// Kernel arguments that follow from the config, the CPU and the taken devices.
@@ -483,40 +694,41 @@ fn kernel_arg_problems(config: &Config, machine: &Machine) -> Vec<Problem> {
             .as_deref()
             .is_some_and(|k| k.contains("-pve"));
         if !patched {
-            out.push(Problem {
-                severity: Severity::Warning,
-                message: format!(
+            out.push(Problem::new(
+                ProblemKind::AcsUnpatched,
+                Severity::Warning,
+                format!(
                     "pcie_acs_override is honoured only by kernels carrying the ACS override \
                      patch (such as Proxmox's); the running kernel {} looks unpatched, so it \
                      will ignore it",
                     machine.running_kernel.as_deref().unwrap_or("(unknown)")
                 ),
-                fix: "boot a Proxmox (pve) kernel, or drop acs_override; also know that \
-                      splitting groups this way weakens isolation between devices"
-                    .to_string(),
-            });
+                "boot a Proxmox (pve) kernel, or drop acs_override; also know that \
+                 splitting groups this way weakens isolation between devices",
+            ));
         }
     }
     if config.interrupts.allow_unsafe {
-        out.push(Problem {
-            severity: Severity::Warning,
-            message: "allow_unsafe_interrupts is on: a guest can forge interrupts (MSI \
-                      injection) against the host"
+        out.push(Problem::new(
+            ProblemKind::UnsafeInterrupts,
+            Severity::Warning,
+            "allow_unsafe_interrupts is on: a guest can forge interrupts (MSI \
+             injection) against the host"
                 .to_string(),
-            fix: "turn it off when the IOMMU supports interrupt remapping (see `vfio-early \
-                  status`)"
-                .to_string(),
-        });
+            "turn it off when the IOMMU supports interrupt remapping (see `vfio-early \
+             status`)",
+        ));
     }
     if config.iommu.vendor == IommuVendor::Auto
         && machine.cpu_vendor == CpuVendor::Unknown
         && !config.devices.is_empty()
     {
-        out.push(Problem {
-            severity: Severity::Warning,
-            message: "the CPU vendor is unknown, so no IOMMU argument is added".to_string(),
-            fix: "set [iommu] vendor = \"intel\" or \"amd\"".to_string(),
-        });
+        out.push(Problem::new(
+            ProblemKind::UnknownCpuVendor,
+            Severity::Warning,
+            "the CPU vendor is unknown, so no IOMMU argument is added".to_string(),
+            "set [iommu] vendor = \"intel\" or \"amd\"",
+        ));
     }
     out
 }

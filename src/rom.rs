@@ -13,6 +13,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::bind::Sysfs;
+use crate::outcome::Outcome;
+use crate::root::Root;
 use crate::paths;
 use crate::pci::{PciAddress, VendorDevice};
 
@@ -93,6 +95,39 @@ fn code_type_name(t: u8) -> &'static str {
         3 => "UEFI",
         _ => "other",
     }
+}
+
+/// `vfio-early rom dump ADDRESS -o FILE`: read, check, write atomically, print the
+/// lines that use it. Exit 1 when the ROM cannot be read or is not usable.
+pub fn dump(root: &Root, address: PciAddress, output: &Path) -> anyhow::Result<Outcome> {
+    let mut sys = crate::bind::RealSysfs::new(root.clone());
+    let data = match read_rom(&mut sys, address) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vfio-early: error: {e}");
+            return Ok(Outcome::Failed);
+        }
+    };
+    let info = match parse_rom(&data) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!(
+                "vfio-early: error: the ROM of {address} is not usable: {e}; nothing written"
+            );
+            return Ok(Outcome::Failed);
+        }
+    };
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{} has no file name", output.display()))?;
+    Root::new(dir).write_atomic(name, &data)?;
+    let expected = crate::pci::read_device(root, address).id;
+    print!("{}", render(address, expected, &info, output));
+    Ok(Outcome::Ok)
 }
 
 /// Reads the ROM of `addr`: enable, read, disable (always).

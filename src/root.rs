@@ -110,6 +110,35 @@ impl Root {
         result
     }
 
+    /// The names in a directory, sorted; empty when it cannot be read. Names that are
+    /// not UTF-8 are left out (no machine path vfio-early reads has them).
+    pub fn read_dir_names(&self, rel: impl AsRef<Path>) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.path(rel))
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// A symlink's target, as stored.
+    pub fn read_link(&self, rel: impl AsRef<Path>) -> io::Result<PathBuf> {
+        fs::read_link(self.path(rel))
+    }
+
+    /// Metadata, following symlinks.
+    pub fn metadata(&self, rel: impl AsRef<Path>) -> io::Result<fs::Metadata> {
+        fs::metadata(self.path(rel))
+    }
+
+    /// Removes an empty directory.
+    pub fn remove_dir(&self, rel: impl AsRef<Path>) -> io::Result<()> {
+        fs::remove_dir(self.path(rel))
+    }
+
     /// Removes a file; a file that is already gone is not an error.
     pub fn remove_file(&self, rel: impl AsRef<Path>) -> io::Result<()> {
         match fs::remove_file(self.path(rel)) {

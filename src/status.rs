@@ -2,21 +2,26 @@
 //! each with PASS, WARN or FAIL and a one-line fix; exit 1 on any FAIL; `--json` for
 //! automation (stable: fields are added, never renamed).
 //!
-//! Checks read the machine through the root, the kernel log, the manifest of the last
-//! apply and the plan; the verdict about which devices should be on vfio-pci is the
-//! plan's, never re-decided here.
+//! [`evaluate`] is pure: every check is a function of the config, the machine, the
+//! host's files and running state (read beforehand by [`crate::host`]) and the plan; the
+//! verdict about which devices should be on vfio-pci is the plan's, never re-decided
+//! here.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::apply;
+use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
+use crate::context::Context;
+use crate::host::{Host, Image, Runtime};
+use crate::kmod;
 use crate::machine::{CpuVendor, Machine};
+use crate::outcome::Outcome;
 use crate::paths;
-use crate::plan::Plan;
-use crate::root::Root;
+use crate::plan::{Decision, Plan};
+use crate::state::Manifest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,6 +44,13 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
+impl Check {
+    fn on(mut self, device: impl ToString) -> Check {
+        self.device = Some(device.to_string());
+        self
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema: u32,
@@ -47,14 +59,17 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
-/// Everything a status run looks at, gathered by the caller.
+/// Everything a status run looks at, read beforehand ([`crate::context`],
+/// [`crate::host`]).
 pub struct Inputs<'a> {
-    pub root: &'a Root,
     pub config: &'a Config,
+    /// The config file's text now (`None`: no file).
+    pub config_text: Option<&'a str>,
     pub config_path: &'a Path,
     pub machine: &'a Machine,
     pub plan: &'a Plan,
-    pub kernel_log: &'a [String],
+    pub host: &'a Host,
+    pub runtime: &'a Runtime,
 }
 
 fn check(id: &'static str, verdict: Verdict, summary: String, fix: Option<&str>) -> Check {
@@ -71,68 +86,58 @@ fn check(id: &'static str, verdict: Verdict, summary: String, fix: Option<&str>)
     }
 }
 
-/// Reads the running kernel's initramfs with our own reader (streamed, bounded memory).
-fn initramfs_check(root: &Root, kver: &str) -> Check {
-    let rebuild = "run `vfio-early apply` (it rebuilds the initramfs), then reboot";
-    let candidates = [
-        format!("initrd.img-{kver}"),
-        format!("initramfs-{kver}.img"),
+/// Every check, in report order. Pure: a function of the inputs.
+pub fn evaluate(inp: &Inputs) -> Report {
+    let manifest = inp.host.state.manifest_if_any();
+    let targets: Vec<&Decision> = inp.plan.targets().collect();
+    let mut checks = vec![
+        iommu_check(inp.machine, &inp.runtime.kernel_log),
+        interrupt_remapping_check(inp),
+        cmdline_check(inp.config, inp.machine, manifest),
+        applied_check(inp),
     ];
-    let Some(image) = candidates
+    if let Some(mf) = manifest.filter(|mf| !mf.kernel_args.is_empty()) {
+        checks.push(bootloader_check(inp.host, inp.config, mf));
+    }
+    if let Some(image) = &inp.runtime.initramfs {
+        checks.push(initramfs_check(image));
+    }
+    if !targets.is_empty() {
+        checks.push(modules_check(inp.runtime));
+    }
+    checks.extend(targets.iter().map(|d| device_check(inp, d)));
+    checks.extend(unmatched_checks(inp.config, inp.plan));
+    if !targets.is_empty() {
+        checks.push(group_check(inp.plan));
+    }
+    if let Some(iomem) = &inp.runtime.iomem {
+        checks.extend(framebuffer_checks(inp.machine, &targets, iomem));
+    }
+    checks.extend(reset_checks(inp.machine, inp.runtime, &targets));
+    let verdict = checks
         .iter()
-        .map(|n| Path::new(paths::BOOT).join(n))
-        .find(|p| root.exists(p))
-    else {
-        return check(
-            "initramfs",
-            Verdict::Warn,
-            format!("no initramfs for {kver} in /boot (initrd.img-{kver} or initramfs-{kver}.img)"),
-            Some("check where the bootloader loads the initramfs from"),
-        );
-    };
-    let shown = Path::new("/").join(&image);
-    let want_modprobe = root.exists(crate::apply::MODPROBE);
-    // A vfio module built into this kernel (or absent from its tree) needs no file in
-    // the image: the kernel's own module lists decide, where they can be read.
-    let host = crate::kmod::KernelModules::read(root, kver);
-    let needed = |item: &str| match item.strip_prefix("module ") {
-        Some(m) if !host.loadable.is_empty() => host.loadable.contains(&crate::kmod::normalize(m)),
-        _ => true,
-    };
-    match crate::initramfs::verify_image(&root.path(&image), Some(kver), want_modprobe) {
-        Ok(v) => {
-            let missing: Vec<&str> = v
-                .checks
-                .iter()
-                .filter(|c| c.found.is_none() && needed(&c.item))
-                .map(|c| c.item.as_str())
-                .chain(v.kernel_problem.as_deref())
-                .collect();
-            if missing.is_empty() {
-                check(
-                    "initramfs",
-                    Verdict::Pass,
-                    format!(
-                        "{} holds vfio-early, its config, the boot script and the vfio modules",
-                        shown.display()
-                    ),
-                    None,
-                )
-            } else {
-                check(
-                    "initramfs",
-                    Verdict::Fail,
-                    format!("{} lacks {}", shown.display(), missing.join(", ")),
-                    Some(rebuild),
-                )
-            }
+        .map(|c| c.verdict)
+        .max()
+        .unwrap_or(Verdict::Pass);
+    Report {
+        schema: 1,
+        verdict,
+        checks,
+    }
+}
+
+/// Whether `status` reads the running kernel's initramfs: when something was applied
+/// for configured devices.
+pub fn wants_initramfs(config: &Config, host: &Host) -> bool {
+    host.state.manifest_if_any().is_some() && !config.devices.is_empty()
+}
+
+fn enable_fix(vendor: CpuVendor) -> &'static str {
+    match vendor {
+        CpuVendor::Intel => {
+            "enable VT-d in the firmware setup; `vfio-early apply` adds intel_iommu=on; reboot"
         }
-        Err(e) => check(
-            "initramfs",
-            Verdict::Warn,
-            format!("cannot read {}: {e}", shown.display()),
-            Some("see `vfio-early initramfs examine` on it"),
-        ),
+        _ => "enable the IOMMU (AMD-Vi / IOMMU) in the firmware setup and reboot",
     }
 }
 
@@ -142,20 +147,9 @@ fn log_has(log: &[String], needles: &[&str]) -> Option<String> {
         .cloned()
 }
 
-pub fn run(inp: &Inputs) -> Report {
-    let mut checks = Vec::new();
-    let m = inp.machine;
-    let log = inp.kernel_log;
-
-    // IOMMU on.
-    let iommu_on = !m.iommu_units.is_empty();
-    let enable_fix = match m.cpu_vendor {
-        CpuVendor::Intel => {
-            "enable VT-d in the firmware setup; `vfio-early apply` adds intel_iommu=on; reboot"
-        }
-        _ => "enable the IOMMU (AMD-Vi / IOMMU) in the firmware setup and reboot",
-    };
-    checks.push(if iommu_on {
+fn iommu_check(m: &Machine, log: &[String]) -> Check {
+    let fix = Some(enable_fix(m.cpu_vendor));
+    if !m.iommu_units.is_empty() {
         check(
             "iommu",
             Verdict::Pass,
@@ -172,29 +166,31 @@ pub fn run(inp: &Inputs) -> Report {
                 "no IOMMU is active: the kernel was asked (`{line}`) but registered no IOMMU \
                  unit, so the firmware has it off or lacks it"
             ),
-            Some(enable_fix),
+            fix,
         )
     } else {
         check(
             "iommu",
             Verdict::Fail,
             "no IOMMU is active: passthrough cannot work".into(),
-            Some(enable_fix),
+            fix,
         )
-    });
+    }
+}
 
-    // Interrupt remapping.
+fn interrupt_remapping_check(inp: &Inputs) -> Check {
     let ir = log_has(
-        log,
+        &inp.runtime.kernel_log,
         &[
             "Enabled IRQ remapping",
             "Interrupt remapping enabled",
             "IRQ remapping enabled",
         ],
     );
-    checks.push(match (ir, iommu_on) {
+    let iommu_on = !inp.machine.iommu_units.is_empty();
+    match (ir, iommu_on) {
         (Some(line), _) => check("interrupt-remapping", Verdict::Pass, format!("interrupt remapping on (`{line}`)"), None),
-        (None, false) => check("interrupt-remapping", Verdict::Warn, "unknown: the IOMMU is off".into(), Some(enable_fix)),
+        (None, false) => check("interrupt-remapping", Verdict::Warn, "unknown: the IOMMU is off".into(), Some(enable_fix(inp.machine.cpu_vendor))),
         (None, true) if inp.config.interrupts.allow_unsafe => check(
             "interrupt-remapping", Verdict::Warn,
             "no interrupt remapping; allow_unsafe_interrupts is on (a guest can forge interrupts)".into(),
@@ -205,12 +201,13 @@ pub fn run(inp: &Inputs) -> Report {
             "no interrupt remapping in the kernel log: vfio refuses to assign devices".into(),
             Some("enable x2APIC / interrupt remapping in the firmware setup; or, knowing the risk, [interrupts] allow_unsafe = true"),
         ),
-    });
+    }
+}
 
-    // The command line carries what apply wrote.
-    let manifest = apply::read_manifest(inp.root).ok().flatten();
-    checks.push(match &manifest {
-        None if inp.config.devices.is_empty() => check("cmdline", Verdict::Warn, "no device configured and nothing applied".into(), Some("add [[device]] entries to the config, then run `vfio-early apply`")),
+/// The command line carries what apply wrote.
+fn cmdline_check(config: &Config, m: &Machine, manifest: Option<&Manifest>) -> Check {
+    match manifest {
+        None if config.devices.is_empty() => check("cmdline", Verdict::Warn, "no device configured and nothing applied".into(), Some("add [[device]] entries to the config, then run `vfio-early apply`")),
         None => check("cmdline", Verdict::Fail, "`vfio-early apply` has not run".into(), Some("run `vfio-early apply`, then reboot")),
         Some(mf) => {
             let missing: Vec<&str> = mf.kernel_args.iter().filter(|t| !m.cmdline_has(t)).map(String::as_str).collect();
@@ -220,13 +217,14 @@ pub fn run(inp: &Inputs) -> Report {
                 check("cmdline", Verdict::Fail, format!("the kernel command line lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
             }
         }
-    });
+    }
+}
 
-    // The config in force is the one last applied.
-    let applied = inp.root.read_to_string(apply::APPLIED).ok();
-    let current = std::fs::read_to_string(inp.config_path).unwrap_or_default();
-    checks.push(match applied {
-        Some(a) if a.ends_with(&current) => check(
+/// The config in force is the one last applied.
+fn applied_check(inp: &Inputs) -> Check {
+    let current = inp.config_text.unwrap_or("");
+    match &inp.host.state.applied {
+        Some(a) if a.is_of(current) => check(
             "applied",
             Verdict::Pass,
             "the config is the one last applied".into(),
@@ -250,168 +248,185 @@ pub fn run(inp: &Inputs) -> Report {
             "the config has devices but was never applied".into(),
             Some("run `vfio-early apply`, then reboot"),
         ),
-    });
-
-    // The bootloader config carries the arguments for the next boot.
-    if let Some(mf) = manifest.as_ref().filter(|mf| !mf.kernel_args.is_empty()) {
-        checks.push(bootloader_check(inp.root, inp.config, mf));
-    }
-
-    // The running kernel's initramfs holds what the early binder needs.
-    if let (Some(_), Some(kver)) = (&manifest, &m.running_kernel) {
-        if !inp.config.devices.is_empty() {
-            checks.push(initramfs_check(inp.root, kver));
-        }
-    }
-
-    // vfio modules loaded (or built in: sys/module has them either way).
-    let targets: Vec<_> = inp.plan.targets().collect();
-    if !targets.is_empty() {
-        let loaded: Vec<&str> = ["vfio", "vfio_iommu_type1", "vfio_pci"]
-            .into_iter()
-            .filter(|mname| inp.root.exists(Path::new(paths::SYS_MODULE).join(mname)))
-            .collect();
-        checks.push(if loaded.len() == 3 {
-            check("vfio-modules", Verdict::Pass, "vfio, vfio_iommu_type1 and vfio_pci are loaded".into(), None)
-        } else {
-            check("vfio-modules", Verdict::Fail, format!("loaded: {}", if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }), Some("check `vfio-early initramfs verify` and the kernel log (`dmesg | grep vfio-early`)"))
-        });
-    }
-
-    // Each configured device on vfio-pci, with its /dev/vfio node.
-    for d in &targets {
-        let addr = d.address.to_string();
-        let mut c = match m.device(d.address) {
-            None => check("device", Verdict::Warn, format!("{addr} is absent on this boot"), Some("check that the card is seated, or remove it from the config")),
-            Some(dev) if dev.driver.as_deref() == Some("vfio-pci") => {
-                let node = dev.iommu_group.map(|g| Path::new(paths::DEV_VFIO).join(g.to_string()));
-                match node {
-                    Some(n) if inp.root.exists(&n) => check("device", Verdict::Pass, format!("{addr} on vfio-pci, /{} present", n.display()), None),
-                    Some(n) => check("device", Verdict::Fail, format!("{addr} on vfio-pci but /{} is missing", n.display()), Some("the IOMMU group is not viable or vfio is broken: see the iommu-group check")),
-                    None => check("device", Verdict::Fail, format!("{addr} on vfio-pci but in no IOMMU group"), Some(enable_fix)),
-                }
-            }
-            Some(dev) => check("device", Verdict::Fail, format!("{addr} is on {}, not vfio-pci", dev.driver.as_deref().unwrap_or("no driver")), Some("run `vfio-early bind` now; for boot, check `dmesg | grep vfio-early` and `vfio-early initramfs verify`")),
-        };
-        c.device = Some(addr);
-        checks.push(c);
-    }
-
-    // Entries that selected nothing on this boot (a card absent or moved).
-    for (i, entry) in inp.config.devices.iter().enumerate() {
-        let n = i + 1;
-        if inp.plan.decisions.iter().any(|d| d.entry == n) {
-            continue;
-        }
-        let wanted = match entry.address {
-            Some(a) => format!("{} at {a}", entry.id),
-            None => entry.id.to_string(),
-        };
-        let mut c = check(
-            "device",
-            Verdict::Warn,
-            format!("entry {n}: no device {wanted} on this boot"),
-            Some("check that the card is seated (`vfio-early list`), or remove the entry"),
-        );
-        c.device = entry.address.map(|a| a.to_string());
-        checks.push(c);
-    }
-
-    // IOMMU group viability: the plan's group warnings.
-    let split: Vec<&str> = inp
-        .plan
-        .problems
-        .iter()
-        .filter(|p| p.message.starts_with("IOMMU group"))
-        .map(|p| p.message.as_str())
-        .collect();
-    if !targets.is_empty() {
-        checks.push(if split.is_empty() {
-            check("iommu-group", Verdict::Pass, "every taken device's IOMMU group is wholly taken".into(), None)
-        } else {
-            check("iommu-group", Verdict::Fail, split.join("; "), Some("take the other members too (add entries), or move the card to a slot with its own group"))
-        });
-    }
-
-    // Boot framebuffer still holding a taken GPU's memory.
-    if let Ok(iomem) = inp.root.read_to_string(paths::PROC_IOMEM) {
-        for d in &targets {
-            let is_display = m
-                .device(d.address)
-                .and_then(|x| x.class)
-                .is_some_and(|c| c.is_display());
-            if !is_display {
-                continue;
-            }
-            let addr = d.address.to_string();
-            let mut c = match framebuffer_in(&iomem, &addr) {
-                Some(fb) => check("framebuffer", Verdict::Fail, format!("{fb} still holds memory of {addr} (\"BAR can't reserve\" in the guest)"), Some("set [kernel] framebuffer = \"sysfb-off\" (or \"auto\" with this GPU as boot VGA), apply, reboot")),
-                None => check("framebuffer", Verdict::Pass, format!("no boot framebuffer on {addr}"), None),
-            };
-            c.device = Some(addr);
-            checks.push(c);
-        }
-    }
-
-    // Reset method of each taken device.
-    for d in &targets {
-        let addr = d.address.to_string();
-        let rel = Path::new(paths::PCI_DEVICES)
-            .join(&addr)
-            .join("reset_method");
-        let Ok(method) = inp.root.read_attr(&rel) else {
-            continue;
-        };
-        let amd_gpu = m.device(d.address).is_some_and(|x| {
-            x.id.is_some_and(|i| i.vendor == 0x1002) && x.class.is_some_and(|c| c.is_display())
-        });
-        let mut c = if method.is_empty() {
-            check(
-                "reset-method",
-                Verdict::Warn,
-                format!("{addr} has no reset method: it may not reset between VM starts"),
-                Some(if amd_gpu {
-                    "for AMD GPUs, load vendor-reset and write `device_specific` to reset_method"
-                } else {
-                    "expect to reboot the host to reset the device"
-                }),
-            )
-        } else if amd_gpu && !method.contains("device_specific") {
-            check(
-                "reset-method",
-                Verdict::Warn,
-                format!("{addr} resets by `{method}`; many AMD GPUs need vendor-reset"),
-                Some(
-                    "load vendor-reset and write `device_specific` to reset_method (kernel 5.15+)",
-                ),
-            )
-        } else {
-            check(
-                "reset-method",
-                Verdict::Pass,
-                format!("{addr} resets by `{method}`"),
-                None,
-            )
-        };
-        c.device = Some(addr);
-        checks.push(c);
-    }
-
-    let verdict = checks
-        .iter()
-        .map(|c| c.verdict)
-        .max()
-        .unwrap_or(Verdict::Pass);
-    Report {
-        schema: 1,
-        verdict,
-        checks,
     }
 }
 
-fn bootloader_check(root: &Root, config: &Config, mf: &apply::Manifest) -> Check {
-    use crate::bootloader::{self, Bootloader};
-    let bl = bootloader::resolve(root, config.bootloader.kind);
+/// The running kernel's initramfs holds what the early binder needs.
+fn initramfs_check(image: &Image) -> Check {
+    let kver = &image.kernel;
+    let Some(path) = &image.path else {
+        return check(
+            "initramfs",
+            Verdict::Warn,
+            format!("no initramfs for {kver} in /boot (initrd.img-{kver} or initramfs-{kver}.img)"),
+            Some("check where the bootloader loads the initramfs from"),
+        );
+    };
+    let shown = Path::new("/").join(path);
+    // A vfio module built into this kernel (or absent from its tree) needs no file in
+    // the image: the kernel's own module lists decide, where they can be read.
+    let needed = |item: &str| match item.strip_prefix("module ") {
+        Some(m) if !image.loadable.is_empty() => image.loadable.contains(&kmod::normalize(m)),
+        _ => true,
+    };
+    match &image.verification {
+        Ok(v) => {
+            let missing: Vec<&str> = v
+                .checks
+                .iter()
+                .filter(|c| c.found.is_none() && needed(&c.item))
+                .map(|c| c.item.as_str())
+                .chain(v.kernel_problem.as_deref())
+                .collect();
+            if missing.is_empty() {
+                check(
+                    "initramfs",
+                    Verdict::Pass,
+                    format!(
+                        "{} holds vfio-early, its config, the boot script and the vfio modules",
+                        shown.display()
+                    ),
+                    None,
+                )
+            } else {
+                check(
+                    "initramfs",
+                    Verdict::Fail,
+                    format!("{} lacks {}", shown.display(), missing.join(", ")),
+                    Some("run `vfio-early apply` (it rebuilds the initramfs), then reboot"),
+                )
+            }
+        }
+        Err(e) => check(
+            "initramfs",
+            Verdict::Warn,
+            format!("cannot read {}: {e}", shown.display()),
+            Some("see `vfio-early initramfs examine` on it"),
+        ),
+    }
+}
+
+/// vfio modules loaded (or built in: sys/module has them either way).
+fn modules_check(rt: &Runtime) -> Check {
+    let wanted = kmod::VFIO_CORE_MODULES;
+    let loaded: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|m| rt.sys_modules.contains(*m))
+        .collect();
+    if loaded.len() == wanted.len() {
+        check("vfio-modules", Verdict::Pass, "vfio, vfio_iommu_type1 and vfio_pci are loaded".into(), None)
+    } else {
+        check("vfio-modules", Verdict::Fail, format!("loaded: {}", if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }), Some("check `vfio-early initramfs verify` and the kernel log (`dmesg | grep vfio-early`)"))
+    }
+}
+
+/// A taken device on vfio-pci, with its /dev/vfio node.
+fn device_check(inp: &Inputs, d: &Decision) -> Check {
+    let addr = d.address;
+    let node = |g: u32| Path::new(paths::DEV_VFIO).join(g.to_string());
+    match inp.machine.device(addr) {
+        None => check("device", Verdict::Warn, format!("{addr} is absent on this boot"), Some("check that the card is seated, or remove it from the config")),
+        Some(dev) if dev.driver.as_deref() == Some(crate::bind::VFIO_DRIVER) => match dev.iommu_group {
+            Some(g) if inp.runtime.vfio_nodes.contains(&g.to_string()) => check("device", Verdict::Pass, format!("{addr} on vfio-pci, /{} present", node(g).display()), None),
+            Some(g) => check("device", Verdict::Fail, format!("{addr} on vfio-pci but /{} is missing", node(g).display()), Some("the IOMMU group is not viable or vfio is broken: see the iommu-group check")),
+            None => check("device", Verdict::Fail, format!("{addr} on vfio-pci but in no IOMMU group"), Some(enable_fix(inp.machine.cpu_vendor))),
+        },
+        Some(dev) => check("device", Verdict::Fail, format!("{addr} is on {}, not vfio-pci", dev.driver.as_deref().unwrap_or("no driver")), Some("run `vfio-early bind` now; for boot, check `dmesg | grep vfio-early` and `vfio-early initramfs verify`")),
+    }
+    .on(addr)
+}
+
+/// Entries that selected nothing on this boot (a card absent or moved).
+fn unmatched_checks(config: &Config, plan: &Plan) -> Vec<Check> {
+    plan.unmatched_entries(config)
+        .into_iter()
+        .filter_map(|n| Some((n, config.devices.get(n - 1)?)))
+        .map(|(n, entry)| {
+            let wanted = match entry.address {
+                Some(a) => format!("{} at {a}", entry.id),
+                None => entry.id.to_string(),
+            };
+            let mut c = check(
+                "device",
+                Verdict::Warn,
+                format!("entry {n}: no device {wanted} on this boot"),
+                Some("check that the card is seated (`vfio-early list`), or remove the entry"),
+            );
+            c.device = entry.address.map(|a| a.to_string());
+            c
+        })
+        .collect()
+}
+
+/// IOMMU group viability: the plan's split groups.
+fn group_check(plan: &Plan) -> Check {
+    let split: Vec<&str> = plan.split_groups().map(|p| p.message.as_str()).collect();
+    if split.is_empty() {
+        check("iommu-group", Verdict::Pass, "every taken device's IOMMU group is wholly taken".into(), None)
+    } else {
+        check("iommu-group", Verdict::Fail, split.join("; "), Some("take the other members too (add entries), or move the card to a slot with its own group"))
+    }
+}
+
+/// A boot framebuffer still holding a taken GPU's memory.
+fn framebuffer_checks(m: &Machine, targets: &[&Decision], iomem: &str) -> Vec<Check> {
+    targets
+        .iter()
+        .filter(|d| {
+            m.device(d.address)
+                .and_then(|x| x.class)
+                .is_some_and(|c| c.is_display())
+        })
+        .map(|d| {
+            let addr = d.address.to_string();
+            match framebuffer_in(iomem, &addr) {
+                Some(fb) => check("framebuffer", Verdict::Fail, format!("{fb} still holds memory of {addr} (\"BAR can't reserve\" in the guest)"), Some("set [kernel] framebuffer = \"sysfb-off\" (or \"auto\" with this GPU as boot VGA), apply, reboot")),
+                None => check("framebuffer", Verdict::Pass, format!("no boot framebuffer on {addr}"), None),
+            }
+            .on(addr)
+        })
+        .collect()
+}
+
+/// The reset method of each taken device that has the attribute.
+fn reset_checks(m: &Machine, rt: &Runtime, targets: &[&Decision]) -> Vec<Check> {
+    targets
+        .iter()
+        .filter_map(|d| Some((d.address, rt.reset_methods.get(&d.address)?)))
+        .map(|(addr, method)| {
+            let amd_gpu = m.device(addr).is_some_and(|x| {
+                x.id.is_some_and(|i| i.vendor == 0x1002) && x.class.is_some_and(|c| c.is_display())
+            });
+            if method.is_empty() {
+                check(
+                    "reset-method",
+                    Verdict::Warn,
+                    format!("{addr} has no reset method: it may not reset between VM starts"),
+                    Some(if amd_gpu {
+                        "for AMD GPUs, load vendor-reset and write `device_specific` to reset_method"
+                    } else {
+                        "expect to reboot the host to reset the device"
+                    }),
+                )
+            } else if amd_gpu && !method.contains("device_specific") {
+                check(
+                    "reset-method",
+                    Verdict::Warn,
+                    format!("{addr} resets by `{method}`; many AMD GPUs need vendor-reset"),
+                    Some("load vendor-reset and write `device_specific` to reset_method (kernel 5.15+)"),
+                )
+            } else {
+                check("reset-method", Verdict::Pass, format!("{addr} resets by `{method}`"), None)
+            }
+            .on(addr)
+        })
+        .collect()
+}
+
+/// The bootloader config carries the arguments for the next boot.
+fn bootloader_check(host: &Host, config: &Config, mf: &Manifest) -> Check {
+    let bl = host.boot.resolve(config.bootloader.kind);
     let has_all = |text: &str| {
         mf.kernel_args
             .iter()
@@ -419,20 +434,20 @@ fn bootloader_check(root: &Root, config: &Config, mf: &apply::Manifest) -> Check
     };
     let mut found = Vec::new();
     let mut problems = Vec::new();
-    if bl.uses_grub_dropin(root) {
-        match root.read_to_string(bootloader::GRUB_DROPIN) {
-            Ok(t) if t == bootloader::render_grub_dropin(&mf.kernel_args) => {
+    if bl.uses_grub_dropin(&host.boot) {
+        match host.text(paths::GRUB_DROPIN) {
+            Some(t) if t == bootloader::render_grub_dropin(&mf.kernel_args) => {
                 found.push("GRUB drop-in")
             }
-            Ok(_) => problems.push("the GRUB drop-in differs from the last apply"),
-            Err(_) => problems.push("the GRUB drop-in is missing"),
+            Some(_) => problems.push("the GRUB drop-in differs from the last apply"),
+            None => problems.push("the GRUB drop-in is missing"),
         }
-        if let Ok(cfg) = root.read_to_string("boot/grub/grub.cfg") {
-            let linux_lines: Vec<&str> = cfg
+        if let Some(cfg) = &host.grub_cfg {
+            let has_entry = cfg
                 .lines()
                 .filter(|l| l.trim_start().starts_with("linux"))
-                .collect();
-            if linux_lines.iter().any(|l| has_all(l)) {
+                .any(has_all);
+            if has_entry {
                 found.push("grub.cfg");
             } else {
                 problems.push(
@@ -442,9 +457,7 @@ fn bootloader_check(root: &Root, config: &Config, mf: &apply::Manifest) -> Check
         }
     }
     if bl.uses_kernel_cmdline() {
-        let first = root
-            .read_to_string(bootloader::KERNEL_CMDLINE)
-            .unwrap_or_default();
+        let first = host.text(paths::KERNEL_CMDLINE).unwrap_or("");
         if has_all(first.lines().next().unwrap_or("")) {
             found.push("/etc/kernel/cmdline");
         } else {
@@ -509,6 +522,28 @@ fn framebuffer_in(iomem: &str, addr: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// `vfio-early status [--json]`: reads the running system, evaluates, prints; exit 1 on
+/// any FAIL.
+pub fn run(ctx: &Context, json: bool) -> anyhow::Result<Outcome> {
+    let with_image = wants_initramfs(&ctx.config, &ctx.host);
+    let runtime = Runtime::read(&ctx.root, &ctx.machine, &ctx.host, with_image);
+    let report = evaluate(&Inputs {
+        config: &ctx.config,
+        config_text: ctx.config_text.as_deref(),
+        config_path: &ctx.config_path,
+        machine: &ctx.machine,
+        plan: &ctx.plan,
+        host: &ctx.host,
+        runtime: &runtime,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(Outcome::failed_if(report.verdict == Verdict::Fail))
 }
 
 pub fn render_table(r: &Report) -> String {

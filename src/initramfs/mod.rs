@@ -25,6 +25,48 @@ pub use compression::Compression;
 pub use stream::{walk, walk_file, Entry, Segment};
 pub use verify::{verify_image, Check, Verification};
 
+use crate::outcome::Outcome;
+use crate::root::Root;
+
+/// A command's failure on an image: unreadable or malformed is exit 2.
+fn fail(image: &std::path::Path, e: &dyn fmt::Display) -> Outcome {
+    eprintln!("vfio-early: error: {}: {e}", image.display());
+    Outcome::Usage
+}
+
+/// `vfio-early initramfs examine IMAGE`.
+pub fn examine_cmd(image: &std::path::Path) -> Outcome {
+    match examine::examine_image(image) {
+        Ok(segments) => {
+            print!("{}", examine::render_table(&segments));
+            Outcome::Ok
+        }
+        Err(e) => fail(image, &e),
+    }
+}
+
+/// `vfio-early initramfs list IMAGE`: a closed pipe (`| head`) ends it quietly.
+pub fn list_cmd(image: &std::path::Path) -> Outcome {
+    match list::list_image(image, io::stdout().lock()) {
+        Ok(()) => Outcome::Ok,
+        Err(e) if list::is_broken_pipe(&e) => Outcome::Ok,
+        Err(e) => fail(image, &e),
+    }
+}
+
+/// `vfio-early initramfs verify IMAGE [--kernel V]`: exit 1 when something is missing.
+pub fn verify_cmd(root: &Root, image: &std::path::Path, kernel: Option<&str>) -> Outcome {
+    // The drop-in is expected exactly when this system has one.
+    let want_modprobe = root.exists(crate::paths::MODPROBE);
+    match verify::verify_image(image, kernel, want_modprobe) {
+        Ok(v) => {
+            print!("{}", verify::render(&v));
+            Outcome::failed_if(!v.complete())
+        }
+        Err(e) => fail(image, &e),
+    }
+}
+
 /// Where in an image something went wrong: the segment's offset in the file, its
 /// compression, and the offset inside the segment's unpacked stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

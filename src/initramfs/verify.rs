@@ -11,24 +11,10 @@ use std::path::Path;
 use super::{walk_file, InitramfsError};
 use crate::{kmod, paths};
 
-/// Where the hooks put the binary: `copy_exec ... /usr/sbin` (initramfs-tools) and
-/// `inst_binary` (dracut); the others are the same file on merged-/usr trees.
-const BINARY: &[&str] = &[
-    "usr/sbin/vfio-early",
-    "sbin/vfio-early",
-    "usr/bin/vfio-early",
-    "bin/vfio-early",
-];
-const MODPROBE: &[&str] = &["etc/modprobe.d/vfio-early.conf"];
-/// initramfs-tools copies `scripts/init-top/00vfio-early`; dracut's `inst_hook pre-udev
-/// 00` installs under its hook directory, which moved from /lib to /var/lib.
-const BOOT_SCRIPT: &[&str] = &[
-    "scripts/init-top/00vfio-early",
-    "var/lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
-    "lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
-    "usr/lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
-];
-const MODULE_DIRS: &[&str] = &["lib/modules/", "usr/lib/modules/"];
+use paths::{
+    IMAGE_BINARY as BINARY, IMAGE_BOOT_SCRIPT as BOOT_SCRIPT, IMAGE_MODPROBE as MODPROBE,
+    IMAGE_MODULE_DIRS as MODULE_DIRS,
+};
 
 /// One thing the image must hold.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -6,6 +6,7 @@ use std::io;
 use std::path::Path;
 
 use vfio_early::apply::{self, AtomicWriter, Writer};
+use vfio_early::host::Host;
 use vfio_early::root::Root;
 use vfio_early::{config, kmod, machine, plan};
 
@@ -317,18 +318,17 @@ impl Writer for FailAt {
 fn commit_with(m: &FakeMachine, cfg: &str, undo: bool, w: &mut dyn Writer) -> anyhow::Result<()> {
     let root = Root::new(m.root());
     let c = config::parse(cfg, Path::new("t")).expect("config");
-    let mach = machine::discover(&root);
+    let mut mach = machine::discover(&root);
+    mach.kernels = kmod::read_all(&root, &mach.installed_kernels);
     let p = plan::plan(&c, &mach, plan::Options::default());
-    let kernels = kmod::read_all(&root, &mach.installed_kernels);
     let target = apply::Target {
         forced: false,
         config: &c,
         config_text: cfg,
         plan: &p,
-        machine: &mach,
-        kernels: &kernels,
     };
-    let ch = apply::compute(&root, if undo { None } else { Some(&target) })?;
+    let host = Host::read(&root);
+    let ch = apply::compute(if undo { None } else { Some(&target) }, &mach, &host)?;
     apply::commit(&root, &ch, w)
 }
 

@@ -313,7 +313,7 @@ fn the_early_binder_judges_the_interlocks_it_can_see_again() {
     let m = workstation();
     m.config(&format!(
         "{}\n{BOTH_DISPLAYS}",
-        vfio_early::apply::FORCED_MARKER
+        vfio_early::state::FORCED_MARKER
     ));
     assert_eq!(m.run(&["bind", "--early"]).status.code(), Some(0));
     assert_eq!(
@@ -334,5 +334,5 @@ fn apply_force_is_recorded_for_the_early_binder() {
     let out = m.run(&["apply", "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
     let applied = m.read("var/lib/vfio-early/applied.toml");
-    assert!(vfio_early::apply::applied_with_force(&applied), "{applied}");
+    assert!(vfio_early::state::applied_with_force(&applied), "{applied}");
 }

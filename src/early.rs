@@ -1,0 +1,90 @@
+//! `bind --early`: the early binder, run from the initramfs before udev. It reads the
+//! kill switch, the applied config and the machine, plans as a live bind, and binds
+//! through [`crate::bind`]. It never fails and never panics outward: every problem is a
+//! `vfio-early:` line in the kernel log, and the process always exits 0.
+//!
+//! It is the model path: cli → machine → pci → plan → bind, always downward, each input
+//! read once.
+
+use std::path::Path;
+
+use crate::bind::{self, Outcome as BindOutcome};
+use crate::config;
+use crate::kmsg::Log;
+use crate::machine;
+use crate::paths;
+use crate::plan;
+use crate::root::Root;
+use crate::state;
+
+/// Runs the early binder; always returns normally (the caller exits 0).
+pub fn run(root: &Root, cfg_path: &Path) {
+    let mut log = Log::kmsg(root);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bind_early(root, cfg_path, &mut log)
+    }));
+    if outcome.is_err() {
+        log.error("internal error in the early binder; boot continues without it");
+    }
+}
+
+/// The early binder's steps; every failure is logged and ends the step quietly.
+pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
+    let cmdline = root.read_attr(paths::PROC_CMDLINE).unwrap_or_default();
+    if cmdline
+        .split_whitespace()
+        .any(|t| t == "vfio_early=off" || t == "vfio-early=off")
+    {
+        log.warn("disabled by vfio_early=off on the kernel command line; nothing done");
+        return;
+    }
+    if !cfg_path.exists() {
+        log.info(&format!(
+            "no config at {}; nothing to do",
+            cfg_path.display()
+        ));
+        return;
+    }
+    // Read once: the text gives both the config and apply's --force marker.
+    let parsed = config::read_text(cfg_path).and_then(|t| {
+        let forced = state::applied_with_force(&t);
+        config::parse(&t, cfg_path).map(|c| (c, forced))
+    });
+    let (config, forced) = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or("invalid config");
+            log.error(&format!("config error, nothing bound: {first}"));
+            return;
+        }
+    };
+    let machine = machine::discover(root);
+    // `apply` is the gate for interlocks, but it may have run where the devices were not
+    // visible (a chroot, before a card was fitted): the interlocks that can be judged
+    // this early (bridges, the only display) are judged again, unless apply was forced.
+    // The root filesystem is not mounted yet, so that one is apply's alone.
+    let opts = plan::Options {
+        force: forced,
+        live: true,
+    };
+    let plan = plan::plan(&config, &machine, opts);
+    for p in &plan.problems {
+        log.warn(&p.message);
+    }
+    if plan.targets().next().is_none() {
+        log.info("the config takes no device on this boot");
+        return;
+    }
+    let mut sys = bind::RealSysfs::new(root.clone());
+    let report = bind::bind_devices(&mut sys, &plan, log);
+    let bound = report
+        .devices
+        .iter()
+        .filter(|d| matches!(d.outcome, BindOutcome::Bound | BindOutcome::AlreadyBound))
+        .count();
+    log.info(&format!(
+        "done: {bound} of {} device(s) on vfio-pci",
+        report.devices.len()
+    ));
+}
