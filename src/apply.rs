@@ -137,7 +137,11 @@ pub fn compute(target: Option<&Target>, machine: &Machine, host: &Host) -> anyho
         }
     }
     manifest.dirs_created = old.dirs_created.clone();
-    for c in ch.files.iter().filter(|c| c.old.is_none() && c.new.is_some()) {
+    for c in ch
+        .files
+        .iter()
+        .filter(|c| c.old.is_none() && c.new.is_some())
+    {
         for dir in missing_parents(host, &c.path) {
             if !manifest.dirs_created.contains(&dir) {
                 manifest.dirs_created.push(dir);
@@ -172,7 +176,11 @@ fn wanted_files(
         }
         _ => None,
     };
-    vec![(MODPROBE, modprobe_text), (APPLIED, applied), (GRUB_DROPIN, grub)]
+    vec![
+        (MODPROBE, modprobe_text),
+        (APPLIED, applied),
+        (GRUB_DROPIN, grub),
+    ]
 }
 
 /// `/etc/kernel/cmdline`: back to what it was without our tokens, then ours added.
@@ -227,8 +235,7 @@ fn commands(ch: &Changes, old: &Manifest, bl: Option<Bootloader>, host: &Host) -
     } else {
         Vec::new()
     };
-    if touched.contains(MODPROBE) || touched.contains(APPLIED) || touched.contains(KERNEL_CMDLINE)
-    {
+    if touched.contains(MODPROBE) || touched.contains(APPLIED) || touched.contains(KERNEL_CMDLINE) {
         commands.push(initramfs_command(host.generator));
     }
     let bl_now = bl.unwrap_or_else(|| host.boot.detect());
@@ -396,10 +403,7 @@ pub struct Options {
 
 /// `vfio-early apply`: the plan must pass its interlocks; then converge.
 pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
-    if opts.if_configured
-        && ctx.config.devices.is_empty()
-        && ctx.host.state.manifest()?.is_none()
-    {
+    if opts.if_configured && ctx.config.devices.is_empty() && ctx.host.state.manifest()?.is_none() {
         println!("no device configured and nothing applied before: nothing to do");
         return Ok(Outcome::Ok);
     }
@@ -414,7 +418,13 @@ pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
         config_text: ctx.config_text.as_deref().unwrap_or(""),
         plan: &ctx.plan,
     };
-    converge(&ctx.root, Some(&target), &ctx.machine, &ctx.host, opts.dry_run)
+    converge(
+        &ctx.root,
+        Some(&target),
+        &ctx.machine,
+        &ctx.host,
+        opts.dry_run,
+    )
 }
 
 /// `vfio-early undo`: apply towards the empty state. Needs no config (it may be the
@@ -450,7 +460,10 @@ fn converge(
 /// `vfio-early hook-files --kernel V`, for the initramfs hooks.
 pub fn hook_files(root: &Root, version: &str) -> Outcome {
     let host = Host::read(root);
-    print!("{}", render_hook_files(&host, &KernelModules::read(root, version)));
+    print!(
+        "{}",
+        render_hook_files(&host, &KernelModules::read(root, version))
+    );
     Outcome::Ok
 }
 

@@ -36,7 +36,9 @@ pub struct BootFacts {
 
 impl BootFacts {
     pub fn read(root: &Root) -> BootFacts {
-        let uuids = root.read_to_string(paths::PROXMOX_UUIDS).unwrap_or_default();
+        let uuids = root
+            .read_to_string(paths::PROXMOX_UUIDS)
+            .unwrap_or_default();
         BootFacts {
             proxmox_boot_tool: !uuids.trim().is_empty() && root.exists(paths::PROXMOX_BOOT_TOOL),
             systemd_boot: paths::ESP_MOUNTS.iter().any(|esp| {

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::context::Context;
-use crate::outcome::Outcome;
 use crate::list::render_problems;
+use crate::outcome::Outcome;
 use crate::plan::Plan;
 
 /// `vfio-early check`: exit 1 when the plan has errors.

@@ -219,10 +219,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             early::run(&root, &context::config_path(&root, cli.config.as_deref()));
             Outcome::Ok
         }
-        Cmd::Bind { force, .. } => match ctx(Required, PlanMode::LiveBind { force: *force }, None) {
-            Ok(c) => bind::run_live(&c),
-            Err(o) => o,
-        },
+        Cmd::Bind { force, .. } => {
+            match ctx(Required, PlanMode::LiveBind { force: *force }, None) {
+                Ok(c) => bind::run_live(&c),
+                Err(o) => o,
+            }
+        }
         Cmd::Apply {
             dry_run,
             force,

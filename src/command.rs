@@ -81,6 +81,11 @@ mod tests {
 
     #[test]
     fn success_is_ok() {
-        assert!(run(&mut Command::new("true"), Duration::from_secs(5), Output::Quiet).is_ok());
+        assert!(run(
+            &mut Command::new("true"),
+            Duration::from_secs(5),
+            Output::Quiet
+        )
+        .is_ok());
     }
 }

@@ -91,10 +91,7 @@ pub fn config_path(root: &Root, config: Option<&Path>) -> PathBuf {
 }
 
 /// The config's text and parsed form; a missing file is `(None, default)` when allowed.
-pub fn load_config(
-    path: &Path,
-    need: ConfigNeed,
-) -> Result<(Option<String>, Config), ConfigError> {
+pub fn load_config(path: &Path, need: ConfigNeed) -> Result<(Option<String>, Config), ConfigError> {
     if need == ConfigNeed::MissingIsEmpty && !path.exists() {
         return Ok((None, Config::default()));
     }

@@ -112,7 +112,10 @@ pub const ALL_LISTS: &[&[&str]] = &[
 mod tests {
     #[test]
     fn no_path_constant_is_absolute() {
-        for p in super::ALL.iter().chain(super::ALL_LISTS.iter().copied().flatten()) {
+        for p in super::ALL
+            .iter()
+            .chain(super::ALL_LISTS.iter().copied().flatten())
+        {
             assert!(!p.starts_with('/'), "{p} is absolute");
             assert!(!p.contains(".."), "{p} climbs out of the root");
         }

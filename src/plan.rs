@@ -285,7 +285,8 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
             (Some(_), false) => Verdict::Refuse,
         };
         if let Some(why) = interlock.clone().filter(|i| *i != Interlock::NeedsIommu) {
-            plan.problems.push(interlock_problem(*address, sel.entry, why, &verdict));
+            plan.problems
+                .push(interlock_problem(*address, sel.entry, why, &verdict));
         }
         plan.decisions.push(Decision {
             address: *address,
@@ -307,7 +308,12 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
 
 /// The problem an interlock raises: an error when it refuses, a warning when forced, a
 /// note for a companion (its primary's refusal is the error).
-fn interlock_problem(address: PciAddress, entry: usize, why: Interlock, verdict: &Verdict) -> Problem {
+fn interlock_problem(
+    address: PciAddress,
+    entry: usize,
+    why: Interlock,
+    verdict: &Verdict,
+) -> Problem {
     match verdict {
         Verdict::TakeForced => Problem::new(
             ProblemKind::Forced {
@@ -731,4 +737,522 @@ fn kernel_arg_problems(config: &Config, machine: &Machine) -> Vec<Problem> {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! Table-driven: one row per planner rule, on machines built in memory.
+
+    use super::*;
+    use crate::config;
+    use crate::machine::SystemDisk;
+    use crate::pci::PciClass;
+
+    fn dev(addr: &str, id: &str, class: u32) -> Device {
+        Device {
+            address: addr.parse().unwrap(),
+            id: Some(id.parse().unwrap()),
+            subsystem: Some("1af4:1100".parse().unwrap()),
+            class: Some(PciClass(class)),
+            driver: None,
+            driver_override: None,
+            iommu_group: None,
+            boot_vga: false,
+            modalias: None,
+        }
+    }
+
+    trait With {
+        fn group(self, g: u32) -> Self;
+        fn driver(self, d: &str) -> Self;
+        fn boot_vga(self) -> Self;
+        fn subsystem(self, s: &str) -> Self;
+    }
+
+    impl With for Device {
+        fn group(mut self, g: u32) -> Self {
+            self.iommu_group = Some(g);
+            self
+        }
+        fn driver(mut self, d: &str) -> Self {
+            self.driver = Some(d.to_string());
+            self
+        }
+        fn boot_vga(mut self) -> Self {
+            self.boot_vga = true;
+            self
+        }
+        fn subsystem(mut self, s: &str) -> Self {
+            self.subsystem = Some(s.parse().unwrap());
+            self
+        }
+    }
+
+    const VGA: u32 = 0x030000;
+    const AUDIO: u32 = 0x040300;
+    const NIC: u32 = 0x020000;
+    const NVME: u32 = 0x010802;
+    const BRIDGE: u32 = 0x060400;
+
+    /// A workstation: iGPU boot VGA, a GPU + HDMI audio in group 1 behind a root port,
+    /// two identical NICs, an NVMe holding `/`.
+    fn workstation() -> Vec<Device> {
+        vec![
+            dev("00:01.0", "8086:1901", BRIDGE)
+                .driver("pcieport")
+                .group(1),
+            dev("00:02.0", "8086:3e92", VGA)
+                .driver("i915")
+                .group(2)
+                .boot_vga(),
+            dev("01:00.0", "10de:1b80", VGA)
+                .driver("nouveau")
+                .group(1)
+                .subsystem("1458:3702"),
+            dev("01:00.1", "10de:10f0", AUDIO)
+                .driver("snd_hda_intel")
+                .group(1),
+            dev("02:00.0", "144d:a808", NVME).driver("nvme").group(4),
+            dev("03:00.0", "8086:10d3", NIC).driver("e1000e").group(5),
+            dev("04:00.0", "8086:10d3", NIC).driver("e1000e").group(6),
+        ]
+    }
+
+    fn machine(devices: Vec<Device>) -> Machine {
+        Machine {
+            devices,
+            cpu_vendor: CpuVendor::Intel,
+            cmdline: Some("root=UUID=x ro".into()),
+            running_kernel: Some("6.1.0-28-amd64".into()),
+            installed_kernels: vec!["6.1.0-28-amd64".into()],
+            iommu_units: vec!["dmar0".into()],
+            system_disks: vec![SystemDisk {
+                address: "02:00.0".parse().unwrap(),
+                mount_point: "/".into(),
+            }],
+            kernels: Vec::new(),
+        }
+    }
+
+    fn cfg(text: &str) -> Config {
+        config::parse(text, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    /// `bb:ss.f verdict` per decision, in address order.
+    fn verdicts(p: &Plan) -> Vec<String> {
+        p.decisions
+            .iter()
+            .map(|d| {
+                let a = d.address.to_string();
+                format!("{} {}", &a[5..], d.verdict.label())
+            })
+            .collect()
+    }
+
+    /// A short label per problem kind, for the tables.
+    fn kinds(p: &Plan) -> Vec<String> {
+        let short = |a: &PciAddress| a.to_string()[5..].to_string();
+        p.problems
+            .iter()
+            .map(|pr| match &pr.kind {
+                ProblemKind::NoIommu => "no-iommu".to_string(),
+                ProblemKind::NoDeviceAtAddress { entry } => format!("no-device {entry}"),
+                ProblemKind::IdentityMismatch { entry } => format!("mismatch {entry}"),
+                ProblemKind::UnmatchedEntry { entry } => format!("unmatched {entry}"),
+                ProblemKind::Refused { address, interlock } => {
+                    format!("refused {} {}", short(address), interlock_label(interlock))
+                }
+                ProblemKind::Forced { address, interlock } => {
+                    format!("forced {} {}", short(address), interlock_label(interlock))
+                }
+                ProblemKind::NoIommuGroup { address } => format!("no-group {}", short(address)),
+                ProblemKind::SplitGroup { group, .. } => format!("split {group}"),
+                ProblemKind::AcsUnpatched => "acs".to_string(),
+                ProblemKind::UnsafeInterrupts => "unsafe-interrupts".to_string(),
+                ProblemKind::UnknownCpuVendor => "unknown-cpu".to_string(),
+            })
+            .collect()
+    }
+
+    fn interlock_label(i: &Interlock) -> &'static str {
+        match i {
+            Interlock::Bridge { .. } => "bridge",
+            Interlock::SystemDisk { .. } => "system-disk",
+            Interlock::OnlyDisplay => "only-display",
+            Interlock::NeedsIommu => "needs-iommu",
+            Interlock::CompanionOfRefused { .. } => "companion",
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        config: &'static str,
+        opts: Options,
+        /// Changes to the workstation before planning.
+        setup: fn(&mut Machine),
+        verdicts: &'static [&'static str],
+        problems: &'static [&'static str],
+    }
+
+    const REPORT: Options = Options {
+        force: false,
+        live: false,
+    };
+    const FORCE: Options = Options {
+        force: true,
+        live: false,
+    };
+    const LIVE: Options = Options {
+        force: false,
+        live: true,
+    };
+
+    fn keep(_: &mut Machine) {}
+
+    const CASES: &[Case] = &[
+        Case {
+            name: "by id takes every device with the id",
+            config: "[[device]]\nid = \"8086:10d3\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["03:00.0 take", "04:00.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "by address takes one of two identical devices",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"04:00.0\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["04:00.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "an address holding another id takes nothing and is an error",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"02:00.0\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["mismatch 1"],
+        },
+        Case {
+            name: "an address holding nothing is a warning",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"09:00.0\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["no-device 1"],
+        },
+        Case {
+            name: "an id that matches nothing is a warning",
+            config: "[[device]]\nid = \"1234:5678\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["unmatched 1"],
+        },
+        Case {
+            name: "subsystem narrows",
+            config: "[[device]]\nid = \"10de:1b80\"\nsubsystem = \"1458:3702\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["01:00.0 take", "01:00.1 take"],
+            problems: &[],
+        },
+        Case {
+            name: "a subsystem that differs selects nothing",
+            config: "[[device]]\nid = \"10de:1b80\"\nsubsystem = \"1043:0000\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["unmatched 1"],
+        },
+        Case {
+            name: "class narrows",
+            config: "[[device]]\nid = \"10de:1b80\"\nclass = \"04\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["unmatched 1"],
+        },
+        Case {
+            name: "whole_slot takes the GPU's audio function",
+            config: "[[device]]\nid = \"10de:1b80\"\nclass = \"0300\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["01:00.0 take", "01:00.1 take"],
+            problems: &[],
+        },
+        Case {
+            name: "without whole_slot the audio function stays, and the group is split",
+            config: "[[device]]\nid = \"10de:1b80\"\nwhole_slot = false\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["01:00.0 take"],
+            problems: &["split 1"],
+        },
+        Case {
+            name: "the system disk is refused",
+            config: "[[device]]\nid = \"144d:a808\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["02:00.0 REFUSED"],
+            problems: &["refused 02:00.0 system-disk"],
+        },
+        Case {
+            name: "force takes the system disk with a warning",
+            config: "[[device]]\nid = \"144d:a808\"\n",
+            opts: FORCE,
+            setup: keep,
+            verdicts: &["02:00.0 take (forced)"],
+            problems: &["forced 02:00.0 system-disk"],
+        },
+        Case {
+            name: "a bridge is refused",
+            config: "[[device]]\nid = \"8086:1901\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["00:01.0 REFUSED"],
+            problems: &["refused 00:01.0 bridge"],
+        },
+        Case {
+            name: "the boot VGA goes when another display stays",
+            config: "[[device]]\nid = \"8086:3e92\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["00:02.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "the boot VGA is refused when the other display is taken too",
+            config: "[[device]]\nid = \"8086:3e92\"\n\n[[device]]\nid = \"10de:1b80\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["00:02.0 REFUSED", "01:00.0 take", "01:00.1 take"],
+            problems: &["refused 00:02.0 only-display"],
+        },
+        Case {
+            name: "the display interlock uses the planner's own selection (class)",
+            // The entry names the GPU's id but its class narrows it away: the GPU stays
+            // a host display, so the boot VGA may go.
+            config: "[[device]]\nid = \"8086:3e92\"\n\n[[device]]\nid = \"10de:1b80\"\nclass = \"04\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["00:02.0 take"],
+            problems: &["unmatched 2"],
+        },
+        Case {
+            name: "a refused GPU's audio companion is refused with it",
+            config: "[[device]]\nid = \"10de:1b80\"\n",
+            opts: REPORT,
+            setup: |m| {
+                // The discrete GPU is the boot VGA and the only display.
+                m.devices.retain(|d| d.address.to_string() != "0000:00:02.0");
+                if let Some(gpu) = m.devices.iter_mut().find(|d| d.class == Some(PciClass(VGA))) {
+                    gpu.boot_vga = true;
+                }
+            },
+            verdicts: &["01:00.0 REFUSED", "01:00.1 REFUSED"],
+            problems: &["refused 01:00.0 only-display", "refused 01:00.1 companion"],
+        },
+        Case {
+            name: "force takes a refused GPU and its companion",
+            config: "[[device]]\nid = \"10de:1b80\"\n",
+            opts: FORCE,
+            setup: |m| {
+                m.devices.retain(|d| d.address.to_string() != "0000:00:02.0");
+                if let Some(gpu) = m.devices.iter_mut().find(|d| d.class == Some(PciClass(VGA))) {
+                    gpu.boot_vga = true;
+                }
+            },
+            verdicts: &["01:00.0 take (forced)", "01:00.1 take"],
+            problems: &["forced 01:00.0 only-display"],
+        },
+        Case {
+            name: "the first entry that selects a device wins",
+            config: "[[device]]\nid = \"8086:10d3\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["03:00.0 take", "04:00.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "a live bind without an IOMMU takes nothing, even forced",
+            config: "[[device]]\nid = \"8086:10d3\"\n",
+            opts: Options {
+                force: true,
+                live: true,
+            },
+            setup: |m| m.iommu_units.clear(),
+            verdicts: &["03:00.0 REFUSED", "04:00.0 REFUSED"],
+            problems: &["no-iommu"],
+        },
+        Case {
+            name: "a live bind with an IOMMU takes",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
+            opts: LIVE,
+            setup: keep,
+            verdicts: &["03:00.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "apply without an IOMMU still plans (the IOMMU comes with the reboot)",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
+            opts: REPORT,
+            setup: |m| {
+                m.iommu_units.clear();
+                for d in &mut m.devices {
+                    d.iommu_group = None;
+                }
+            },
+            verdicts: &["03:00.0 take"],
+            problems: &["no-group 03:00.0"],
+        },
+        Case {
+            name: "a group member on vfio-pci or a bridge does not split the group",
+            config: "[[device]]\nid = \"10de:1b80\"\nwhole_slot = false\n",
+            opts: REPORT,
+            setup: |m| {
+                if let Some(a) = m.devices.iter_mut().find(|d| d.class == Some(PciClass(AUDIO))) {
+                    a.driver = Some("vfio-pci".into());
+                }
+            },
+            verdicts: &["01:00.0 take"],
+            problems: &[],
+        },
+        Case {
+            name: "acs_override on an unpatched kernel and unsafe interrupts are warned",
+            config: "[kernel]\nacs_override = [\"downstream\"]\n[interrupts]\nallow_unsafe = true\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &[],
+            problems: &["acs", "unsafe-interrupts"],
+        },
+        Case {
+            name: "an unknown CPU vendor with vendor auto is warned",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
+            opts: REPORT,
+            setup: |m| m.cpu_vendor = CpuVendor::Unknown,
+            verdicts: &["03:00.0 take"],
+            problems: &["unknown-cpu"],
+        },
+    ];
+
+    #[test]
+    fn every_rule_of_the_planner() {
+        let mut failures = Vec::new();
+        for case in CASES {
+            let mut m = machine(workstation());
+            (case.setup)(&mut m);
+            let p = plan(&cfg(case.config), &m, case.opts);
+            let got = (verdicts(&p), kinds(&p));
+            let want = (
+                case.verdicts
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+                case.problems
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            );
+            if got != want {
+                failures.push(format!(
+                    "{}:\n  got  {:?}\n  want {:?}",
+                    case.name, got, want
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn unmatched_entries_are_the_entries_without_a_decision() {
+        let m = machine(workstation());
+        let c = cfg(
+            "[[device]]\nid = \"1234:5678\"\n\n[[device]]\nid = \"8086:10d3\"\n\n\
+                     [[device]]\nid = \"8086:10d3\"\naddress = \"02:00.0\"\n",
+        );
+        assert_eq!(plan(&c, &m, REPORT).unmatched_entries(&c), vec![1, 3]);
+    }
+
+    #[test]
+    fn kernel_arguments_follow_vendor_and_settings() {
+        let c = cfg("[[device]]\nid = \"8086:3e92\"\n");
+        let tokens = |m: &Machine, c: &Config| -> Vec<String> {
+            plan(c, m, REPORT)
+                .kernel_args
+                .into_iter()
+                .map(|a| a.token)
+                .collect()
+        };
+        let mut m = machine(workstation());
+        // The boot VGA is taken (another display stays): the framebuffer goes too.
+        assert_eq!(
+            tokens(&m, &c),
+            [
+                "intel_iommu=on",
+                "iommu=pt",
+                "initcall_blacklist=sysfb_init"
+            ]
+        );
+        m.cpu_vendor = CpuVendor::Amd;
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\n[iommu]\npassthrough = false\n");
+        assert!(tokens(&m, &c).is_empty());
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\n[iommu]\nvendor = \"intel\"\n[kernel]\nframebuffer = \"video-off\"\nextra_args = [\"pci=realloc\"]\n");
+        assert_eq!(
+            tokens(&m, &c),
+            [
+                "intel_iommu=on",
+                "iommu=pt",
+                "video=efifb:off",
+                "video=vesafb:off",
+                "video=simplefb:off",
+                "pci=realloc"
+            ]
+        );
+        assert!(
+            tokens(&m, &cfg("")).is_empty(),
+            "nothing configured, no arguments"
+        );
+    }
+
+    #[test]
+    fn softdeps_come_from_aliases_and_drivers_bound_now() {
+        let mut m = machine(workstation());
+        let mut k = crate::kmod::KernelModules {
+            version: "6.1.0-28-amd64".into(),
+            ..Default::default()
+        };
+        k.pci_aliases = vec![
+            (
+                "pci:v00008086d000010D3sv*sd*bc*sc*i*".into(),
+                "e1000e".into(),
+            ),
+            ("pci:v*d*sv*sd*bc02sc00i*".into(), "some_nic".into()),
+            (
+                "pci:v00001234d00005678sv*sd*bc*sc*i*".into(),
+                "absent_drv".into(),
+            ),
+        ];
+        m.kernels = vec![k];
+        for d in &mut m.devices {
+            d.modalias = d.id.map(|id| {
+                format!(
+                    "pci:v0000{:04X}d0000{:04X}sv00001AF4sd00001100bc{:02X}sc{:02X}i00",
+                    id.vendor,
+                    id.device,
+                    d.class.map_or(0, |c| c.base()),
+                    d.class.map_or(0, |c| c.sub())
+                )
+            });
+        }
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n\n[[device]]\nid = \"1234:5678\"\n");
+        assert_eq!(
+            plan(&c, &m, REPORT).softdeps,
+            ["absent_drv", "e1000e", "some_nic"]
+        );
+        // Without module facts (every mode but apply), only the bound driver counts.
+        m.kernels.clear();
+        assert_eq!(plan(&c, &m, REPORT).softdeps, ["e1000e"]);
+    }
 }

@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::bind::Sysfs;
 use crate::outcome::Outcome;
-use crate::root::Root;
 use crate::paths;
 use crate::pci::{PciAddress, VendorDevice};
+use crate::root::Root;
 
 /// One image inside the ROM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

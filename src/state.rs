@@ -107,10 +107,13 @@ impl State {
     pub fn read(root: &Root) -> State {
         State {
             manifest: read_manifest(root),
-            applied: root.read_to_string(paths::APPLIED).ok().map(|text| Applied {
-                forced: applied_with_force(&text),
-                text,
-            }),
+            applied: root
+                .read_to_string(paths::APPLIED)
+                .ok()
+                .map(|text| Applied {
+                    forced: applied_with_force(&text),
+                    text,
+                }),
         }
     }
 

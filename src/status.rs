@@ -207,12 +207,39 @@ fn interrupt_remapping_check(inp: &Inputs) -> Check {
 /// The command line carries what apply wrote.
 fn cmdline_check(config: &Config, m: &Machine, manifest: Option<&Manifest>) -> Check {
     match manifest {
-        None if config.devices.is_empty() => check("cmdline", Verdict::Warn, "no device configured and nothing applied".into(), Some("add [[device]] entries to the config, then run `vfio-early apply`")),
-        None => check("cmdline", Verdict::Fail, "`vfio-early apply` has not run".into(), Some("run `vfio-early apply`, then reboot")),
+        None if config.devices.is_empty() => check(
+            "cmdline",
+            Verdict::Warn,
+            "no device configured and nothing applied".into(),
+            Some("add [[device]] entries to the config, then run `vfio-early apply`"),
+        ),
+        None => check(
+            "cmdline",
+            Verdict::Fail,
+            "`vfio-early apply` has not run".into(),
+            Some("run `vfio-early apply`, then reboot"),
+        ),
         Some(mf) => {
-            let missing: Vec<&str> = mf.kernel_args.iter().filter(|t| !m.cmdline_has(t)).map(String::as_str).collect();
+            let missing: Vec<&str> = mf
+                .kernel_args
+                .iter()
+                .filter(|t| !m.cmdline_has(t))
+                .map(String::as_str)
+                .collect();
             if missing.is_empty() {
-                check("cmdline", Verdict::Pass, format!("the kernel command line has {}", if mf.kernel_args.is_empty() { "nothing to check".to_string() } else { mf.kernel_args.join(" ") }), None)
+                check(
+                    "cmdline",
+                    Verdict::Pass,
+                    format!(
+                        "the kernel command line has {}",
+                        if mf.kernel_args.is_empty() {
+                            "nothing to check".to_string()
+                        } else {
+                            mf.kernel_args.join(" ")
+                        }
+                    ),
+                    None,
+                )
             } else {
                 check("cmdline", Verdict::Fail, format!("the kernel command line lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
             }
@@ -315,7 +342,12 @@ fn modules_check(rt: &Runtime) -> Check {
         .filter(|m| rt.sys_modules.contains(*m))
         .collect();
     if loaded.len() == wanted.len() {
-        check("vfio-modules", Verdict::Pass, "vfio, vfio_iommu_type1 and vfio_pci are loaded".into(), None)
+        check(
+            "vfio-modules",
+            Verdict::Pass,
+            "vfio, vfio_iommu_type1 and vfio_pci are loaded".into(),
+            None,
+        )
     } else {
         check("vfio-modules", Verdict::Fail, format!("loaded: {}", if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }), Some("check `vfio-early initramfs verify` and the kernel log (`dmesg | grep vfio-early`)"))
     }
@@ -363,7 +395,12 @@ fn unmatched_checks(config: &Config, plan: &Plan) -> Vec<Check> {
 fn group_check(plan: &Plan) -> Check {
     let split: Vec<&str> = plan.split_groups().map(|p| p.message.as_str()).collect();
     if split.is_empty() {
-        check("iommu-group", Verdict::Pass, "every taken device's IOMMU group is wholly taken".into(), None)
+        check(
+            "iommu-group",
+            Verdict::Pass,
+            "every taken device's IOMMU group is wholly taken".into(),
+            None,
+        )
     } else {
         check("iommu-group", Verdict::Fail, split.join("; "), Some("take the other members too (add entries), or move the card to a slot with its own group"))
     }
