@@ -33,12 +33,7 @@ pub trait Sysfs {
     fn load_module(&mut self, name: &str) -> Result<(), String>;
     /// Reads a binary attribute (such as `rom`), at most `limit` bytes.
     fn read_bytes(&mut self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
-        let mut data = Vec::new();
-        io::Read::read_to_end(
-            &mut io::Read::take(std::fs::File::open(self.root().path(rel))?, limit),
-            &mut data,
-        )?;
-        Ok(data)
+        self.root().read_bytes(rel, limit)
     }
 }
 

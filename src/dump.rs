@@ -62,17 +62,13 @@ impl Collection {
     }
 
     fn add_file(&mut self, root: &Root, rel: &Path) {
-        let Ok(f) = fs::File::open(root.path(rel)) else {
-            return;
-        };
-        let mut data = Vec::new();
-        if f.take(MAX_ATTR).read_to_end(&mut data).is_ok() {
+        if let Ok(data) = root.read_bytes(rel, MAX_ATTR) {
             self.add(rel.to_path_buf(), Item::File(data));
         }
     }
 
     fn add_link(&mut self, root: &Root, rel: &Path) -> Option<PathBuf> {
-        let target = fs::read_link(root.path(rel)).ok()?;
+        let target = root.read_link(rel).ok()?;
         self.add(rel.to_path_buf(), Item::Link(target.clone()));
         Some(target)
     }
@@ -86,15 +82,7 @@ impl Collection {
 }
 
 fn dir_names(root: &Root, rel: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root.path(rel))
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    root.read_dir_names(rel)
 }
 
 /// Resolves `link` (relative to the root) lexically: its directory joined with its target.

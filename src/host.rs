@@ -179,8 +179,13 @@ fn read_image(root: &Root, kver: &str, want_modprobe: bool) -> Image {
     .map(|n| Path::new(paths::BOOT).join(n))
     .find(|p| root.exists(p));
     let verification = match &path {
-        Some(p) => crate::initramfs::verify_image(&root.path(p), Some(kver), want_modprobe)
-            .map_err(|e| e.to_string()),
+        Some(p) => root
+            .open(p)
+            .map_err(|e| format!("{}: {e}", root.path(p).display()))
+            .and_then(|f| {
+                crate::initramfs::verify::verify_reader(f, Some(kver), want_modprobe)
+                    .map_err(|e| e.to_string())
+            }),
         None => Err("no image".to_string()),
     };
     Image {

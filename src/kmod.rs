@@ -86,7 +86,7 @@ impl KernelModules {
                     }
                 }
             }
-            Err(_) => walk_modules(&root.path(&dir), &mut loadable, 0),
+            Err(_) => walk_modules(root, &dir, &mut loadable, 0),
         }
         let builtin = root
             .read_to_string(dir.join("modules.builtin"))
@@ -162,19 +162,16 @@ impl KernelModules {
     }
 }
 
-fn walk_modules(dir: &Path, out: &mut BTreeSet<String>, depth: u8) {
+fn walk_modules(root: &Root, dir: &Path, out: &mut BTreeSet<String>, depth: u8) {
     if depth > 12 {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.filter_map(|e| e.ok()) {
-        let p = e.path();
-        if p.is_dir() {
-            walk_modules(&p, out, depth + 1);
-        } else if let Some(name) = p.to_str().and_then(module_name_of) {
-            out.insert(name);
+    for name in root.read_dir_names(dir) {
+        let p = dir.join(&name);
+        if root.is_dir(&p) {
+            walk_modules(root, &p, out, depth + 1);
+        } else if let Some(m) = module_name_of(&name) {
+            out.insert(m);
         }
     }
 }

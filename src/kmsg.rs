@@ -92,19 +92,17 @@ impl Log {
 pub fn read_log(root: &Root) -> Vec<String> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let path = root.path(paths::DEV_KMSG);
-    let Ok(meta) = std::fs::metadata(&path) else {
+    let Ok(meta) = root.metadata(paths::DEV_KMSG) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     if meta.file_type().is_char_device() {
         // O_NONBLOCK: at the end of the buffer a read returns EAGAIN instead of waiting.
         const O_NONBLOCK: i32 = 0o4000;
-        let Ok(mut f) = OpenOptions::new()
-            .read(true)
-            .custom_flags(O_NONBLOCK)
-            .open(&path)
-        else {
+        let Ok(mut f) = root.open_with(
+            paths::DEV_KMSG,
+            OpenOptions::new().read(true).custom_flags(O_NONBLOCK),
+        ) else {
             return out;
         };
         let mut buf = vec![0u8; 8192];
@@ -118,7 +116,7 @@ pub fn read_log(root: &Root) -> Vec<String> {
                 Err(_) => break,
             }
         }
-    } else if let Ok(text) = std::fs::read_to_string(&path) {
+    } else if let Ok(text) = root.read_to_string(paths::DEV_KMSG) {
         out.extend(text.lines().map(record_message));
     }
     out

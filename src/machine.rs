@@ -82,15 +82,8 @@ pub fn discover(root: &Root) -> Machine {
 }
 
 fn list_dir_names(root: &Root, rel: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(root.path(rel))
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
+    let mut names = root.read_dir_names(rel);
+    names.retain(|n| !n.starts_with('.'));
     names
 }
 

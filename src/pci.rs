@@ -276,12 +276,10 @@ pub fn read_device(root: &Root, address: PciAddress) -> Device {
 /// name is not a PCI address are skipped; an absent directory gives an empty list (a
 /// machine or container without PCI).
 pub fn enumerate_devices(root: &Root) -> Vec<Device> {
-    let Ok(entries) = std::fs::read_dir(root.path(paths::PCI_DEVICES)) else {
-        return Vec::new();
-    };
-    let mut devices: Vec<Device> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<PciAddress>().ok())
+    let mut devices: Vec<Device> = root
+        .read_dir_names(paths::PCI_DEVICES)
+        .iter()
+        .filter_map(|n| n.parse::<PciAddress>().ok())
         .map(|a| read_device(root, a))
         .collect();
     devices.sort_by_key(|d| d.address);

@@ -124,6 +124,28 @@ impl Root {
         names
     }
 
+    /// Opens a file for reading.
+    pub fn open(&self, rel: impl AsRef<Path>) -> io::Result<File> {
+        File::open(self.path(rel))
+    }
+
+    /// Opens a file with the given options (e.g. non-blocking reads of `/dev/kmsg`).
+    pub fn open_with(&self, rel: impl AsRef<Path>, opts: &OpenOptions) -> io::Result<File> {
+        opts.open(self.path(rel))
+    }
+
+    /// Reads at most `limit` bytes of a file (binary attributes such as `rom`).
+    pub fn read_bytes(&self, rel: impl AsRef<Path>, limit: u64) -> io::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(self.open(rel)?, limit), &mut data)?;
+        Ok(data)
+    }
+
+    /// True when the path is a directory (following symlinks).
+    pub fn is_dir(&self, rel: impl AsRef<Path>) -> bool {
+        self.metadata(rel).is_ok_and(|m| m.is_dir())
+    }
+
     /// A symlink's target, as stored.
     pub fn read_link(&self, rel: impl AsRef<Path>) -> io::Result<PathBuf> {
         fs::read_link(self.path(rel))

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::path::Path;
 
-use super::{walk_file, InitramfsError};
+use super::{walk, InitramfsError};
 use crate::{kmod, paths};
 
 use paths::{
@@ -76,6 +76,19 @@ pub fn verify_image(
     kernel: Option<&str>,
     want_modprobe: bool,
 ) -> Result<Verification, InitramfsError> {
+    let file = std::fs::File::open(path).map_err(|source| InitramfsError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    verify_reader(file, kernel, want_modprobe)
+}
+
+/// [`verify_image`] on an open image (for callers that open it through a `Root`).
+pub fn verify_reader(
+    image: impl std::io::Read,
+    kernel: Option<&str>,
+    want_modprobe: bool,
+) -> Result<Verification, InitramfsError> {
     let mut fixed: Vec<(&str, &[&str])> =
         vec![("vfio-early binary", BINARY), ("config", &[paths::CONFIG])];
     if want_modprobe {
@@ -86,7 +99,7 @@ pub fn verify_image(
     let mut kernels: BTreeSet<String> = BTreeSet::new();
     // (kernel, module) -> path; only vfio modules are kept, so memory stays small.
     let mut modules: BTreeMap<(String, String), String> = BTreeMap::new();
-    walk_file(path, |entry| {
+    walk(image, |entry| {
         let Ok(name) = std::str::from_utf8(entry.name) else {
             return Ok(());
         };
