@@ -110,6 +110,17 @@ pub fn render_table(machine: &Machine, plan: &Plan) -> String {
         out.push_str("no PCI devices found under <root>/sys/bus/pci/devices\n");
         return out;
     }
+    out.push_str(&render_devices(&rows));
+    out.push_str(&render_selected(&rows));
+    if !plan.problems.is_empty() {
+        out.push('\n');
+        out.push_str(&render_problems(&plan.problems));
+    }
+    out
+}
+
+/// The device table, columns aligned.
+fn render_devices(rows: &[Row]) -> String {
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
@@ -118,7 +129,6 @@ pub fn render_table(machine: &Machine, plan: &Plan) -> String {
             } else {
                 r.class_name.to_string()
             };
-            let vfio = r.verdict.as_ref().map_or("-", Verdict::label).to_string();
             [
                 r.address.to_string(),
                 opt(&r.id),
@@ -128,7 +138,7 @@ pub fn render_table(machine: &Machine, plan: &Plan) -> String {
                 r.iommu_group
                     .map(|g| g.to_string())
                     .unwrap_or_else(|| "-".into()),
-                vfio,
+                r.verdict.as_ref().map_or("-", Verdict::label).to_string(),
             ]
         })
         .collect();
@@ -158,36 +168,39 @@ pub fn render_table(machine: &Machine, plan: &Plan) -> String {
         }
         l.trim_end().to_string()
     };
-    out.push_str(&line(&header.map(String::from)));
+    let mut out = line(&header.map(String::from));
     out.push('\n');
     for row in &cells {
         out.push_str(&line(row));
         out.push('\n');
     }
+    out
+}
+
+/// The devices the config selects, why, and the IOMMU group peers of each.
+fn render_selected(rows: &[Row]) -> String {
+    let mut out = String::new();
     let chosen: Vec<&Row> = rows.iter().filter(|r| r.verdict.is_some()).collect();
-    if !chosen.is_empty() {
-        out.push_str("\nselected by the config:\n");
-        for r in &chosen {
+    if chosen.is_empty() {
+        return out;
+    }
+    out.push_str("\nselected by the config:\n");
+    for r in &chosen {
+        let _ = writeln!(
+            out,
+            "  {}  {}",
+            r.address,
+            r.reason.as_deref().unwrap_or("")
+        );
+        if !r.group_peers.is_empty() {
+            let peers: Vec<String> = r.group_peers.iter().map(|a| a.to_string()).collect();
             let _ = writeln!(
                 out,
-                "  {}  {}",
-                r.address,
-                r.reason.as_deref().unwrap_or("")
+                "      IOMMU group {} also holds {}",
+                opt(&r.iommu_group),
+                peers.join(", ")
             );
-            if !r.group_peers.is_empty() {
-                let peers: Vec<String> = r.group_peers.iter().map(|a| a.to_string()).collect();
-                let _ = writeln!(
-                    out,
-                    "      IOMMU group {} also holds {}",
-                    opt(&r.iommu_group),
-                    peers.join(", ")
-                );
-            }
         }
-    }
-    if !plan.problems.is_empty() {
-        out.push('\n');
-        out.push_str(&render_problems(&plan.problems));
     }
     out
 }

@@ -353,35 +353,9 @@ fn select_for_entry(
     selected: &mut BTreeMap<PciAddress, Selection>,
     problems: &mut Vec<Problem>,
 ) {
-    let id = entry.id;
-    if let Some(addr) = entry.address {
-        match machine.device(addr) {
-            None => {
-                problems.push(Problem::new(
-                    ProblemKind::NoDeviceAtAddress { entry: n },
-                    Severity::Warning,
-                    format!("entry {n}: no device at {addr} (wanted {id})"),
-                    "check `vfio-early list`; the card may be absent or moved",
-                ));
-                return;
-            }
-            Some(d) if d.id != Some(id) => {
-                let found =
-                    d.id.map(|v| v.to_string())
-                        .unwrap_or_else(|| "unknown".into());
-                problems.push(Problem::new(
-                    ProblemKind::IdentityMismatch { entry: n },
-                    Severity::Error,
-                    format!(
-                        "entry {n}: the device at {addr} is {found}, not {id}; nothing is \
-                         taken there (a card was moved or added?)"
-                    ),
-                    "check `vfio-early list` and correct the entry's address or id",
-                ));
-                return;
-            }
-            Some(_) => {}
-        }
+    if let Err(p) = check_address(n, entry, machine) {
+        problems.push(p);
+        return;
     }
     let matches: Vec<&Device> = machine
         .devices
@@ -411,16 +385,7 @@ fn select_for_entry(
         ));
         return;
     }
-    let mut rule = format!("entry {n}: id {id}");
-    if let Some(a) = entry.address {
-        rule.push_str(&format!(" at {a}"));
-    }
-    if let Some(s) = entry.subsystem {
-        rule.push_str(&format!(", subsystem {s}"));
-    }
-    if let Some(c) = entry.class {
-        rule.push_str(&format!(", class {c}"));
-    }
+    let rule = describe_rule(n, entry);
     for d in &matches {
         selected.entry(d.address).or_insert(Selection {
             entry: n,
@@ -443,6 +408,51 @@ fn select_for_entry(
             }
         }
     }
+}
+
+/// An entry with `address =` must find a device there, of its id (identity check).
+fn check_address(n: usize, entry: &DeviceEntry, machine: &Machine) -> Result<(), Problem> {
+    let (id, Some(addr)) = (entry.id, entry.address) else {
+        return Ok(());
+    };
+    match machine.device(addr) {
+        None => Err(Problem::new(
+            ProblemKind::NoDeviceAtAddress { entry: n },
+            Severity::Warning,
+            format!("entry {n}: no device at {addr} (wanted {id})"),
+            "check `vfio-early list`; the card may be absent or moved",
+        )),
+        Some(d) if d.id != Some(id) => {
+            let found =
+                d.id.map(|v| v.to_string())
+                    .unwrap_or_else(|| "unknown".into());
+            Err(Problem::new(
+                ProblemKind::IdentityMismatch { entry: n },
+                Severity::Error,
+                format!(
+                    "entry {n}: the device at {addr} is {found}, not {id}; nothing is \
+                     taken there (a card was moved or added?)"
+                ),
+                "check `vfio-early list` and correct the entry's address or id",
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The rule an entry selects by, as reports print it.
+fn describe_rule(n: usize, entry: &DeviceEntry) -> String {
+    let mut rule = format!("entry {n}: id {}", entry.id);
+    if let Some(a) = entry.address {
+        rule.push_str(&format!(" at {a}"));
+    }
+    if let Some(s) = entry.subsystem {
+        rule.push_str(&format!(", subsystem {s}"));
+    }
+    if let Some(c) = entry.class {
+        rule.push_str(&format!(", class {c}"));
+    }
+    rule
 }
 
 /// The selection rule of one entry for one device: id, then the optional address,

@@ -346,6 +346,16 @@ struct Archives<'i, R> {
     one_archive: bool,
 }
 
+/// What the stream holds at the current position.
+enum Next {
+    /// The end of the stream (outside an archive).
+    End,
+    /// Zero padding between archives, now skipped.
+    Padding,
+    /// A valid header, consumed.
+    Header(header::Header),
+}
+
 impl<R: Read> Archives<'_, R> {
     fn parse(
         &mut self,
@@ -357,132 +367,160 @@ impl<R: Read> Archives<'_, R> {
         let mut name_copy: Vec<u8> = Vec::new();
         loop {
             let pos = self.input.pos();
-            let buf = match self.input.ensure(header::LEN) {
-                Ok(b) => b,
-                Err(e) => return Err(base.io_error(pos, e)),
-            };
-            if buf.is_empty() {
-                if in_archive {
-                    return Err(InitramfsError::Truncated {
-                        at: base.loc(pos),
-                        what: "the cpio archive has no TRAILER!!! entry".into(),
-                    });
-                }
-                stats.unpacked = pos - base.start;
-                return Ok(stats);
-            }
-            if !in_archive && buf[0] == 0 {
-                if let Err(e) = self.input.skip_zeros() {
-                    return Err(base.io_error(pos, e));
-                }
-                continue;
-            }
-            if buf.len() < header::LEN {
-                let prefix = &b"07070"[..buf.len().min(5)];
-                return Err(if buf.starts_with(prefix) {
-                    InitramfsError::Truncated {
-                        at: base.loc(pos + buf.len() as u64),
-                        what: format!(
-                            "a cpio header needs {} bytes, {} are left",
-                            header::LEN,
-                            buf.len()
-                        ),
-                    }
-                } else {
-                    InitramfsError::Corrupt {
-                        at: base.loc(pos),
-                        problem: "expected a cpio header, found other data".into(),
-                    }
-                });
-            }
-            let h = match header::parse(buf) {
-                Ok(h) => h,
-                Err(e) => {
-                    return Err(InitramfsError::Corrupt {
-                        at: base.loc(pos + e.at as u64),
-                        problem: e.problem,
-                    })
-                }
-            };
-            self.input.advance(header::LEN);
-            in_archive = true;
-
-            let name_pos = self.input.pos();
-            let span = h.name_span() as usize;
-            let namesize = h.namesize as usize;
-            let nb = match self.input.ensure(span) {
-                Ok(b) => b,
-                Err(e) => return Err(base.io_error(name_pos, e)),
-            };
-            if nb.len() < span {
-                let got = nb.len() as u64;
-                return Err(InitramfsError::Truncated {
-                    at: base.loc(name_pos + got),
-                    what: format!(
-                        "the entry at {} declares a {namesize}-byte name",
-                        base.loc(pos)
-                    ),
-                });
-            }
-            // The first NUL must be the last byte of the name: anywhere else, the name
-            // size lies (the kernel would read a shorter name and lose its place).
-            let nul = nb[..namesize].iter().position(|&b| b == 0);
-            if nul != Some(namesize - 1) {
-                let at = nul.unwrap_or(namesize - 1) as u64;
-                return Err(InitramfsError::Corrupt {
-                    at: base.loc(name_pos + at),
-                    problem: format!(
-                        "the name of the entry at {} does not end with its only NUL byte \
-                         (a wrong name size)",
-                        base.loc(pos)
-                    ),
-                });
-            }
-            let name = &nb[..namesize - 1];
-            let trailer = name == header::TRAILER;
-            if !trailer {
-                let entry = Entry {
-                    name,
-                    header: h,
-                    at: base.loc(pos),
-                };
-                visit(&entry).map_err(InitramfsError::Output)?;
-                stats.entries += 1;
-            }
-            if h.filesize > 0 {
-                // Kept only for the error message below, in a buffer reused across entries.
-                name_copy.clear();
-                name_copy.extend_from_slice(name);
-            }
-            self.input.advance(span);
-
-            let data_pos = self.input.pos();
-            let want = h.data_span();
-            let got = match self.input.skip(want) {
-                Ok(n) => n,
-                Err(e) => return Err(base.io_error(data_pos, e)),
-            };
-            if got < want {
-                return Err(InitramfsError::Truncated {
-                    at: base.loc(data_pos + got),
-                    what: format!(
-                        "{:?} (entry at {}) declares {} bytes of data, {} are left",
-                        String::from_utf8_lossy(&name_copy),
-                        base.loc(pos),
-                        h.filesize,
-                        got.min(u64::from(h.filesize))
-                    ),
-                });
-            }
-            if trailer {
-                stats.archives += 1;
-                in_archive = false;
-                if self.one_archive {
-                    stats.unpacked = self.input.pos() - base.start;
+            let h = match self.next_header(in_archive)? {
+                Next::End => {
+                    stats.unpacked = pos - base.start;
                     return Ok(stats);
                 }
+                Next::Padding => continue,
+                Next::Header(h) => h,
+            };
+            in_archive = true;
+            let trailer = self.entry(pos, h, visit, &mut name_copy)?;
+            if !trailer {
+                stats.entries += 1;
+                continue;
+            }
+            stats.archives += 1;
+            in_archive = false;
+            if self.one_archive {
+                stats.unpacked = self.input.pos() - base.start;
+                return Ok(stats);
             }
         }
+    }
+
+    /// Reads the next header, or finds the end or padding between archives.
+    fn next_header(&mut self, in_archive: bool) -> Result<Next, InitramfsError> {
+        let base = self.base;
+        let pos = self.input.pos();
+        let buf = match self.input.ensure(header::LEN) {
+            Ok(b) => b,
+            Err(e) => return Err(base.io_error(pos, e)),
+        };
+        if buf.is_empty() {
+            if in_archive {
+                return Err(InitramfsError::Truncated {
+                    at: base.loc(pos),
+                    what: "the cpio archive has no TRAILER!!! entry".into(),
+                });
+            }
+            return Ok(Next::End);
+        }
+        if !in_archive && buf[0] == 0 {
+            if let Err(e) = self.input.skip_zeros() {
+                return Err(base.io_error(pos, e));
+            }
+            return Ok(Next::Padding);
+        }
+        if buf.len() < header::LEN {
+            let prefix = &b"07070"[..buf.len().min(5)];
+            return Err(if buf.starts_with(prefix) {
+                InitramfsError::Truncated {
+                    at: base.loc(pos + buf.len() as u64),
+                    what: format!(
+                        "a cpio header needs {} bytes, {} are left",
+                        header::LEN,
+                        buf.len()
+                    ),
+                }
+            } else {
+                InitramfsError::Corrupt {
+                    at: base.loc(pos),
+                    problem: "expected a cpio header, found other data".into(),
+                }
+            });
+        }
+        let h = match header::parse(buf) {
+            Ok(h) => h,
+            Err(e) => {
+                return Err(InitramfsError::Corrupt {
+                    at: base.loc(pos + e.at as u64),
+                    problem: e.problem,
+                })
+            }
+        };
+        self.input.advance(header::LEN);
+        Ok(Next::Header(h))
+    }
+
+    /// Reads the name and skips the data of the entry whose header (at `pos`) was just
+    /// consumed; visits it unless it is the trailer. Returns whether it was the trailer.
+    fn entry(
+        &mut self,
+        pos: u64,
+        h: header::Header,
+        visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<()>,
+        name_copy: &mut Vec<u8>,
+    ) -> Result<bool, InitramfsError> {
+        let base = self.base;
+        let name_pos = self.input.pos();
+        let span = h.name_span() as usize;
+        let namesize = h.namesize as usize;
+        let nb = match self.input.ensure(span) {
+            Ok(b) => b,
+            Err(e) => return Err(base.io_error(name_pos, e)),
+        };
+        if nb.len() < span {
+            let got = nb.len() as u64;
+            return Err(InitramfsError::Truncated {
+                at: base.loc(name_pos + got),
+                what: format!(
+                    "the entry at {} declares a {namesize}-byte name",
+                    base.loc(pos)
+                ),
+            });
+        }
+        // The first NUL must be the last byte of the name: anywhere else, the name
+        // size lies (the kernel would read a shorter name and lose its place).
+        let nul = nb[..namesize].iter().position(|&b| b == 0);
+        if nul != Some(namesize - 1) {
+            let at = nul.unwrap_or(namesize - 1) as u64;
+            return Err(InitramfsError::Corrupt {
+                at: base.loc(name_pos + at),
+                problem: format!(
+                    "the name of the entry at {} does not end with its only NUL byte \
+                     (a wrong name size)",
+                    base.loc(pos)
+                ),
+            });
+        }
+        let name = &nb[..namesize - 1];
+        let trailer = name == header::TRAILER;
+        if !trailer {
+            let entry = Entry {
+                name,
+                header: h,
+                at: base.loc(pos),
+            };
+            visit(&entry).map_err(InitramfsError::Output)?;
+        }
+        if h.filesize > 0 {
+            // Kept only for the error message below, in a buffer reused across entries.
+            name_copy.clear();
+            name_copy.extend_from_slice(name);
+        }
+        self.input.advance(span);
+
+        let data_pos = self.input.pos();
+        let want = h.data_span();
+        let got = match self.input.skip(want) {
+            Ok(n) => n,
+            Err(e) => return Err(base.io_error(data_pos, e)),
+        };
+        if got < want {
+            return Err(InitramfsError::Truncated {
+                at: base.loc(data_pos + got),
+                what: format!(
+                    "{:?} (entry at {}) declares {} bytes of data, {} are left",
+                    String::from_utf8_lossy(name_copy),
+                    base.loc(pos),
+                    h.filesize,
+                    got.min(u64::from(h.filesize))
+                ),
+            });
+        }
+        Ok(trailer)
     }
 }
 

@@ -134,23 +134,7 @@ pub fn verify_reader(
         })
         .collect();
 
-    let (kernel, kernel_problem) = match kernel {
-        Some(k) => (Some(k.to_string()), None),
-        None => match kernels.len() {
-            1 => (kernels.iter().next().cloned(), None),
-            0 => (
-                None,
-                Some("the image has no lib/modules/<version> directory".to_string()),
-            ),
-            _ => (
-                None,
-                Some(format!(
-                    "the image holds several kernels' modules ({}); choose one with --kernel",
-                    kernels.iter().cloned().collect::<Vec<_>>().join(", ")
-                )),
-            ),
-        },
-    };
+    let (kernel, kernel_problem) = choose_kernel(kernel, &kernels);
     if let Some(k) = &kernel {
         for module in kmod::vfio_modules_for(k) {
             checks.push(Check {
@@ -165,6 +149,30 @@ pub fn verify_reader(
         kernel_problem,
         checks,
     })
+}
+
+/// The kernel whose modules to check: the one asked for, else the image's only one.
+fn choose_kernel(
+    asked: Option<&str>,
+    in_image: &BTreeSet<String>,
+) -> (Option<String>, Option<String>) {
+    match asked {
+        Some(k) => (Some(k.to_string()), None),
+        None => match in_image.len() {
+            1 => (in_image.iter().next().cloned(), None),
+            0 => (
+                None,
+                Some("the image has no lib/modules/<version> directory".to_string()),
+            ),
+            _ => (
+                None,
+                Some(format!(
+                    "the image holds several kernels' modules ({}); choose one with --kernel",
+                    in_image.iter().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            ),
+        },
+    }
 }
 
 /// The report: the kernel, one verdict line per item, and a last line with the fix.
