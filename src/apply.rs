@@ -110,13 +110,21 @@ impl Writer for AtomicWriter {
 }
 
 pub fn read_manifest(root: &Root) -> anyhow::Result<Option<Manifest>> {
+    let damaged = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{}: the manifest is damaged ({e}); move it aside and run apply again",
+            root.path(MANIFEST).display()
+        )
+    };
     match root.read_to_string(MANIFEST) {
-        Ok(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: the manifest is damaged ({e}); move it aside and run apply again",
-                root.path(MANIFEST).display()
-            )
-        })?)),
+        Ok(text) => {
+            let m: Manifest = serde_json::from_str(&text).map_err(|e| damaged(&e))?;
+            // Entries name paths under the root: `..` or absolute ones are never followed.
+            for entry in m.files.iter().chain(&m.dirs_created) {
+                Root::checked_rel(entry).map_err(|e| damaged(&e))?;
+            }
+            Ok(Some(m))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(anyhow::anyhow!(
             "reading {}: {e}",
@@ -389,7 +397,7 @@ fn store_manifest(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Resu
         w.remove(root, MANIFEST)?;
         for dir in m.dirs_created.iter().rev() {
             // Only empty directories go; anything the user put there stays.
-            let _ = std::fs::remove_dir(root.path(dir));
+            let _ = root.remove_dir(dir);
         }
     } else {
         w.write(root, MANIFEST, &to_json(m)?)?;
