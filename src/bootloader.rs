@@ -43,6 +43,7 @@ impl BootFacts {
             proxmox_boot_tool: !uuids.trim().is_empty() && root.exists(paths::PROXMOX_BOOT_TOOL),
             systemd_boot: paths::ESP_MOUNTS.iter().any(|esp| {
                 root.read_dir_names(std::path::Path::new(esp).join("EFI/systemd"))
+                    .unwrap_or_default()
                     .iter()
                     .any(|n| n.starts_with("systemd-boot"))
             }),

@@ -82,7 +82,7 @@ impl Collection {
 }
 
 fn dir_names(root: &Root, rel: &Path) -> Vec<String> {
-    root.read_dir_names(rel)
+    root.read_dir_names(rel).unwrap_or_default()
 }
 
 /// Resolves `link` (relative to the root) lexically: its directory joined with its target.

@@ -162,8 +162,16 @@ impl Runtime {
         Runtime {
             kernel_log: crate::kmsg::read_log(root),
             iomem: root.read_to_string(paths::PROC_IOMEM).ok(),
-            sys_modules: root.read_dir_names(paths::SYS_MODULE).into_iter().collect(),
-            vfio_nodes: root.read_dir_names(paths::DEV_VFIO).into_iter().collect(),
+            sys_modules: root
+                .read_dir_names(paths::SYS_MODULE)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            vfio_nodes: root
+                .read_dir_names(paths::DEV_VFIO)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
             reset_methods,
             initramfs,
         }

@@ -166,7 +166,7 @@ fn walk_modules(root: &Root, dir: &Path, out: &mut BTreeSet<String>, depth: u8) 
     if depth > 12 {
         return;
     }
-    for name in root.read_dir_names(dir) {
+    for name in root.read_dir_names(dir).unwrap_or_default() {
         let p = dir.join(&name);
         if root.is_dir(&p) {
             walk_modules(root, &p, out, depth + 1);

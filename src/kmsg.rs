@@ -4,7 +4,6 @@
 //!
 //! A log failure never stops the caller: logging is best effort by design.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 
 use crate::paths;
@@ -28,10 +27,7 @@ pub struct Log {
 impl Log {
     /// Logs to `<root>/dev/kmsg` when it opens; otherwise to standard error.
     pub fn kmsg(root: &Root) -> Self {
-        let kmsg = OpenOptions::new()
-            .write(true)
-            .open(root.path(paths::DEV_KMSG))
-            .ok();
+        let kmsg = root.open_device(paths::DEV_KMSG, true).ok();
         let echo_stderr = kmsg.is_none();
         Log {
             kmsg,
@@ -91,18 +87,15 @@ impl Log {
 /// unreadable log is an empty one.
 pub fn read_log(root: &Root) -> Vec<String> {
     use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = root.metadata(paths::DEV_KMSG) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     if meta.file_type().is_char_device() {
-        // O_NONBLOCK: at the end of the buffer a read returns EAGAIN instead of waiting.
-        const O_NONBLOCK: i32 = 0o4000;
-        let Ok(mut f) = root.open_with(
-            paths::DEV_KMSG,
-            OpenOptions::new().read(true).custom_flags(O_NONBLOCK),
-        ) else {
+        // Opened non-blocking: at the end of the buffer a read returns EAGAIN instead
+        // of waiting.
+        let Ok(mut f) = root.open_device(paths::DEV_KMSG, false) else {
             return out;
         };
         let mut buf = vec![0u8; 8192];

@@ -82,7 +82,7 @@ pub fn discover(root: &Root) -> Machine {
 }
 
 fn list_dir_names(root: &Root, rel: &str) -> Vec<String> {
-    let mut names = root.read_dir_names(rel);
+    let mut names = root.read_dir_names(rel).unwrap_or_default();
     names.retain(|n| !n.starts_with('.'));
     names
 }

@@ -278,6 +278,7 @@ pub fn read_device(root: &Root, address: PciAddress) -> Device {
 pub fn enumerate_devices(root: &Root) -> Vec<Device> {
     let mut devices: Vec<Device> = root
         .read_dir_names(paths::PCI_DEVICES)
+        .unwrap_or_default()
         .iter()
         .filter_map(|n| n.parse::<PciAddress>().ok())
         .map(|a| read_device(root, a))

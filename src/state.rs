@@ -132,13 +132,21 @@ impl State {
 }
 
 fn read_manifest(root: &Root) -> Result<Option<Manifest>, String> {
+    let damaged = |e: &dyn std::fmt::Display| {
+        format!(
+            "{}: the manifest is damaged ({e}); move it aside and run apply again",
+            root.path(paths::MANIFEST).display()
+        )
+    };
     match root.read_to_string(paths::MANIFEST) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            format!(
-                "{}: the manifest is damaged ({e}); move it aside and run apply again",
-                root.path(paths::MANIFEST).display()
-            )
-        }),
+        Ok(text) => {
+            let m: Manifest = serde_json::from_str(&text).map_err(|e| damaged(&e))?;
+            // Entries name paths under the root: `..` or absolute ones are never followed.
+            for entry in m.files.iter().chain(&m.dirs_created) {
+                Root::checked_rel(entry).map_err(|e| damaged(&e))?;
+            }
+            Ok(Some(m))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!(
             "reading {}: {e}",

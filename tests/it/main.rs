@@ -7,6 +7,7 @@ mod apply;
 mod bind;
 mod cli;
 mod config_errors;
+mod confine;
 mod fake;
 mod fixtures;
 mod initramfs;
