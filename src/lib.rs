@@ -25,3 +25,4 @@ pub mod plan;
 pub mod rom;
 pub mod root;
 pub mod status;
+pub mod sysdisk;

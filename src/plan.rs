@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::config::{AcsOverride, Config, DeviceEntry, Framebuffer, IommuVendor};
 use crate::machine::{CpuVendor, Machine};
 use crate::pci::{Device, PciAddress, VendorDevice};
+use crate::sysdisk::SWAP;
 
 /// What happens to one device the config concerns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -287,24 +288,49 @@ fn describe_entry(entry: &DeviceEntry) -> String {
 
 /// Why a device must stay with the host, if it must.
 fn interlock_for(device: &Device, machine: &Machine, entries: &[DeviceEntry]) -> Option<String> {
-    if let Some(class) = device.class {
-        if class.is_bridge() {
-            return Some(format!(
-                "is a {} (taking it cuts off everything behind it)",
-                class.name()
-            ));
-        }
-    }
-    let mounts: Vec<&str> = machine
-        .system_disks
-        .iter()
-        .filter(|s| s.address == device.address)
-        .map(|s| s.mount_point.as_str())
-        .collect();
-    if !mounts.is_empty() {
+    // Fail closed: a device whose class cannot be read may be a bridge.
+    let Some(class) = device.class else {
+        return Some(
+            "has a PCI class that cannot be read, so it may be a bridge (taking a bridge \
+             cuts off everything behind it)"
+                .to_string(),
+        );
+    };
+    if class.is_bridge() {
         return Some(format!(
-            "holds the filesystem mounted at {} (the host would lose its disk)",
-            mounts.join(", ")
+            "is a {} (taking it cuts off everything behind it)",
+            class.name()
+        ));
+    }
+    let held: Vec<String> = machine
+        .system_disks
+        .held_by(device.address)
+        .map(|s| {
+            if s.mount_point == SWAP {
+                format!("the active swap ({})", s.how)
+            } else {
+                format!("the filesystem mounted at {} ({})", s.mount_point, s.how)
+            }
+        })
+        .collect();
+    if !held.is_empty() {
+        return Some(format!(
+            "holds {}; the host would lose its disk",
+            held.join(" and ")
+        ));
+    }
+    // Where the system's devices are not all known, any storage or network controller
+    // may hold them.
+    let unknown = &machine.system_disks.unknown;
+    let kind = match class.base() {
+        0x01 => Some("storage"),
+        0x02 => Some("network"),
+        _ => None,
+    };
+    if let (Some(kind), false) = (kind, unknown.is_empty()) {
+        return Some(format!(
+            "is a {kind} controller and may hold the system: {}",
+            unknown.join("; ")
         ));
     }
     if device.boot_vga {
