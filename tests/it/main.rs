@@ -11,4 +11,5 @@ mod fake;
 mod initramfs;
 mod rom;
 mod status;
+mod sysdisk;
 mod tidy;
