@@ -1302,6 +1302,70 @@ errors: No known data errors
     }
 
     #[test]
+    fn bcache_is_traced_to_its_backing_and_its_caching_device() {
+        let t = Tree::new();
+        // The backing disk on a SATA port; bcache links its cache (an NVMe partition)
+        // as a holder too, so both sit in `slaves/`.
+        let sdb = "sys/devices/pci0000:00/0000:00:17.0/ata2/host1/target1:0:0/1:0:0:0/block/sdb";
+        fs::create_dir_all(t.0.path().join(sdb)).unwrap();
+        let bcache = "sys/devices/virtual/block/bcache0";
+        fs::create_dir_all(t.0.path().join(bcache).join("slaves")).unwrap();
+        t.link(
+            "../../../../pci0000:00/0000:00:17.0/ata2/host1/target1:0:0/1:0:0:0/block/sdb",
+            &format!("{bcache}/slaves/sdb"),
+        );
+        t.link(
+            "../../../../pci0000:00/0000:03:00.0/nvme/nvme1/nvme1n1/nvme1n1p3",
+            &format!("{bcache}/slaves/nvme1n1p3"),
+        );
+        t.link("../../devices/virtual/block/bcache0", "sys/dev/block/251:0");
+        t.write(
+            "proc/self/mountinfo",
+            "29 1 251:0 / / rw - ext4 /dev/bcache0 rw\n",
+        );
+        let disks = t.find(None);
+        assert_eq!(disks.unknown, Vec::<String>::new());
+        let got: Vec<(String, &str)> = disks
+            .known
+            .iter()
+            .map(|d| (d.address.to_string(), d.how.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("0000:03:00.0".into(), "ext4 on bcache0 > nvme1n1p3"),
+                ("0000:00:17.0".into(), "ext4 on bcache0 > sdb"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_loop_device_is_held_by_the_filesystem_of_its_backing_file() {
+        let t = Tree::new();
+        t.write(
+            "proc/self/mountinfo",
+            "29 1 7:0 / / ro - squashfs /dev/loop0 ro\n\
+             30 1 259:3 / /run/live/medium ro - ext4 /dev/nvme0n1p3 ro\n",
+        );
+        t.link("../../devices/virtual/block/loop0", "sys/dev/block/7:0");
+        t.write(
+            "sys/devices/virtual/block/loop0/loop/backing_file",
+            "/run/live/medium/live/filesystem.squashfs\n",
+        );
+        t.link(
+            "../../devices/pci0000:00/0000:02:00.0/nvme/nvme0/nvme0n1/nvme0n1p3",
+            "sys/dev/block/259:3",
+        );
+        let disks = t.find(None);
+        assert_eq!(disks.unknown, Vec::<String>::new());
+        assert_eq!(disks.known.len(), 1);
+        assert_eq!(
+            disks.known[0].how,
+            "squashfs on loop0 backed by /run/live/medium/live/filesystem.squashfs on ext4 on nvme0n1p3"
+        );
+    }
+
+    #[test]
     fn a_swap_file_is_held_by_the_filesystem_it_lives_on() {
         let t = Tree::new();
         t.write(
