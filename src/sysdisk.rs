@@ -596,9 +596,7 @@ impl Finder<'_> {
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
         let dm_name = match parts.as_slice() {
-            [_, mapper, name] if rel.starts_with(paths::DEV_MAPPER) && mapper == "mapper" => {
-                name.clone()
-            }
+            [_, _, name] if rel.starts_with(paths::DEV_MAPPER) => name.clone(),
             [_, vg, lv] => format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--")),
             _ => return None,
         };
