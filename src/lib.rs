@@ -31,3 +31,4 @@ pub mod rom;
 pub mod root;
 pub mod state;
 pub mod status;
+pub mod sysdisk;

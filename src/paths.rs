@@ -18,6 +18,14 @@ pub const PROC_MOUNTS: &str = "proc/mounts";
 pub const PROC_OSRELEASE: &str = "proc/sys/kernel/osrelease";
 pub const PROC_IOMEM: &str = "proc/iomem";
 pub const PROC_MODULES: &str = "proc/modules";
+pub const PROC_SWAPS: &str = "proc/swaps";
+pub const SYS_FS_BTRFS: &str = "sys/fs/btrfs";
+pub const SYS_CLASS_NET: &str = "sys/class/net";
+pub const SYS_CLASS_ISCSI_HOST: &str = "sys/class/iscsi_host";
+pub const DEV: &str = "dev";
+pub const DEV_MAPPER: &str = "dev/mapper";
+pub const DEV_DISK: &str = "dev/disk";
+pub const ETC_FSTAB: &str = "etc/fstab";
 pub const DEV_KMSG: &str = "dev/kmsg";
 pub const DEV_VFIO: &str = "dev/vfio";
 pub const CONFIG: &str = "etc/vfio-early.toml";
@@ -80,6 +88,14 @@ pub const ALL: &[&str] = &[
     PROC_OSRELEASE,
     PROC_IOMEM,
     PROC_MODULES,
+    PROC_SWAPS,
+    SYS_FS_BTRFS,
+    SYS_CLASS_NET,
+    SYS_CLASS_ISCSI_HOST,
+    DEV,
+    DEV_MAPPER,
+    DEV_DISK,
+    ETC_FSTAB,
     DEV_KMSG,
     DEV_VFIO,
     CONFIG,

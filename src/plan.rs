@@ -14,6 +14,7 @@ use crate::config::{AcsOverride, Config, DeviceEntry, Framebuffer, IommuVendor};
 use crate::kmod::normalize;
 use crate::machine::{CpuVendor, Machine};
 use crate::pci::{Device, PciAddress, VendorDevice};
+use crate::sysdisk::SWAP;
 
 /// What happens to one device the config concerns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,12 +42,18 @@ impl Verdict {
 /// Why a selected device must stay with the host. `Display` is the sentence reports
 /// print after "it": "it is a PCI bridge (...)".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "interlock")]
 pub enum Interlock {
     /// A bridge: everything behind it would go too.
     Bridge { class_name: String },
-    /// It holds mounted system filesystems.
-    SystemDisk { mounts: Vec<String> },
+    /// Its class cannot be read, so it may be a bridge.
+    UnknownClass,
+    /// It holds mounted system filesystems or swap: each as "the filesystem mounted at
+    /// / (ext4 on nvme0n1p2)".
+    SystemDisk { held: Vec<String> },
+    /// A storage or network controller, while the devices holding the system are not
+    /// all known: why they are not.
+    MayHoldSystem { kind: String, reasons: Vec<String> },
     /// The boot VGA, and no other display stays with the host.
     OnlyDisplay,
     /// Live binds need an active IOMMU (vfio-pci's probe fails without one).
@@ -62,10 +69,20 @@ impl fmt::Display for Interlock {
                 f,
                 "is a {class_name} (taking it cuts off everything behind it)"
             ),
-            Interlock::SystemDisk { mounts } => write!(
+            Interlock::UnknownClass => write!(
                 f,
-                "holds the filesystem mounted at {} (the host would lose its disk)",
-                mounts.join(", ")
+                "has a PCI class that cannot be read, so it may be a bridge (taking a \
+                 bridge cuts off everything behind it)"
+            ),
+            Interlock::SystemDisk { held } => write!(
+                f,
+                "holds {}; the host would lose its disk",
+                held.join(" and ")
+            ),
+            Interlock::MayHoldSystem { kind, reasons } => write!(
+                f,
+                "is a {kind} controller and may hold the system: {}",
+                reasons.join("; ")
             ),
             Interlock::OnlyDisplay => write!(
                 f,
@@ -484,21 +501,42 @@ fn interlock_for(
     machine: &Machine,
     selected: &BTreeMap<PciAddress, Selection>,
 ) -> Option<Interlock> {
-    if let Some(class) = device.class {
-        if class.is_bridge() {
-            return Some(Interlock::Bridge {
-                class_name: class.name().to_string(),
-            });
-        }
+    // Fail closed: a device whose class cannot be read may be a bridge.
+    let Some(class) = device.class else {
+        return Some(Interlock::UnknownClass);
+    };
+    if class.is_bridge() {
+        return Some(Interlock::Bridge {
+            class_name: class.name().to_string(),
+        });
     }
-    let mounts: Vec<String> = machine
+    let held: Vec<String> = machine
         .system_disks
-        .iter()
-        .filter(|s| s.address == device.address)
-        .map(|s| s.mount_point.clone())
+        .held_by(device.address)
+        .map(|s| {
+            if s.mount_point == SWAP {
+                format!("the active swap ({})", s.how)
+            } else {
+                format!("the filesystem mounted at {} ({})", s.mount_point, s.how)
+            }
+        })
         .collect();
-    if !mounts.is_empty() {
-        return Some(Interlock::SystemDisk { mounts });
+    if !held.is_empty() {
+        return Some(Interlock::SystemDisk { held });
+    }
+    // Where the system's devices are not all known, any storage or network controller
+    // may hold them.
+    let unknown = &machine.system_disks.unknown;
+    let kind = match class.base() {
+        0x01 => Some("storage"),
+        0x02 => Some("network"),
+        _ => None,
+    };
+    if let (Some(kind), false) = (kind, unknown.is_empty()) {
+        return Some(Interlock::MayHoldSystem {
+            kind: kind.to_string(),
+            reasons: unknown.clone(),
+        });
     }
     if device.boot_vga {
         // Another display that the config does not select keeps the host a console.
@@ -755,8 +793,8 @@ mod tests {
 
     use super::*;
     use crate::config;
-    use crate::machine::SystemDisk;
     use crate::pci::PciClass;
+    use crate::sysdisk::{SystemDisk, SystemDisks};
 
     fn dev(addr: &str, id: &str, class: u32) -> Device {
         Device {
@@ -836,10 +874,14 @@ mod tests {
             running_kernel: Some("6.1.0-28-amd64".into()),
             installed_kernels: vec!["6.1.0-28-amd64".into()],
             iommu_units: vec!["dmar0".into()],
-            system_disks: vec![SystemDisk {
-                address: "02:00.0".parse().unwrap(),
-                mount_point: "/".into(),
-            }],
+            system_disks: SystemDisks {
+                known: vec![SystemDisk {
+                    address: "02:00.0".parse().unwrap(),
+                    mount_point: "/".into(),
+                    how: "ext4 on nvme0n1p2".into(),
+                }],
+                unknown: Vec::new(),
+            },
             kernels: Vec::new(),
         }
     }
@@ -887,7 +929,9 @@ mod tests {
     fn interlock_label(i: &Interlock) -> &'static str {
         match i {
             Interlock::Bridge { .. } => "bridge",
+            Interlock::UnknownClass => "unknown-class",
             Interlock::SystemDisk { .. } => "system-disk",
+            Interlock::MayHoldSystem { .. } => "may-hold-system",
             Interlock::OnlyDisplay => "only-display",
             Interlock::NeedsIommu => "needs-iommu",
             Interlock::CompanionOfRefused { .. } => "companion",

@@ -386,3 +386,230 @@ impl FakeMachine {
         out
     }
 }
+
+/// The shortest relative symlink target from directory `from` to `to` (both relative to
+/// the root), as the kernel writes its sysfs links.
+fn rel_target(from: &str, to: &str) -> String {
+    let f: Vec<&str> = from.split('/').filter(|s| !s.is_empty()).collect();
+    let t: Vec<&str> = to.split('/').filter(|s| !s.is_empty()).collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<&str> = vec![".."; f.len() - common];
+    parts.extend(&t[common..]);
+    parts.join("/")
+}
+
+/// System disk layouts in the kernel's sysfs shape: block devices under their controller
+/// (`sys/devices/pci0000:00/<addr>/.../block/<disk>/<part>`), `sys/class/block/<name>` and
+/// `sys/dev/block/M:m` links into them, device-mapper and md devices under
+/// `sys/devices/virtual/block/` with `slaves/` links, and the mount table and swap list
+/// that name them.
+impl FakeMachine {
+    /// A symlink at `rel` pointing to `to` (both relative to the root), made relative.
+    pub fn link(&self, to: &str, rel: &str) {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let from = Path::new(rel)
+            .parent()
+            .expect("parent")
+            .to_str()
+            .expect("utf-8");
+        symlink(rel_target(from, to), p).expect("symlink");
+    }
+
+    /// A block device at `real` (a directory under `sys/devices/`) numbered `majmin`, with
+    /// its `dev` file, `partition` for partitions, and its class and number links.
+    pub fn block(&self, real: &str, majmin: &str, partition: Option<u32>) {
+        let name = real.rsplit('/').next().expect("name");
+        self.write(&format!("{real}/dev"), &format!("{majmin}\n"));
+        if let Some(n) = partition {
+            self.write(&format!("{real}/partition"), &format!("{n}\n"));
+        }
+        self.link(real, &format!("sys/class/block/{name}"));
+        self.link(real, &format!("sys/dev/block/{majmin}"));
+    }
+
+    /// A stacked device (`dm-N` or `mdN`) under `sys/devices/virtual/block/` whose
+    /// `slaves/` link to the named block devices (which must exist already).
+    pub fn stacked(&self, name: &str, majmin: &str, slaves: &[&str]) -> String {
+        let real = format!("sys/devices/virtual/block/{name}");
+        self.block(&real, majmin, None);
+        fs::create_dir_all(self.path(&format!("{real}/slaves"))).expect("mkdir");
+        for s in slaves {
+            let target = fs::read_link(self.path(&format!("sys/class/block/{s}"))).expect("slave");
+            let to = format!(
+                "sys/{}",
+                target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("../../"))
+                    .expect("a sys/class/block link")
+            );
+            self.link(&to, &format!("{real}/slaves/{s}"));
+        }
+        real
+    }
+
+    /// A SATA disk on AHCI port `port` of the controller at `addr`, with partitions.
+    pub fn sata_disk(
+        &self,
+        addr: &str,
+        port: u32,
+        disk: &str,
+        major_minor: (u32, u32),
+        parts: &[u32],
+    ) {
+        let (major, minor) = major_minor;
+        let real = format!(
+            "sys/devices/pci0000:00/{addr}/ata{}/host{port}/target{port}:0:0/{port}:0:0:0/block/{disk}",
+            port + 1
+        );
+        self.block(&real, &format!("{major}:{minor}"), None);
+        for p in parts {
+            self.block(
+                &format!("{real}/{disk}{p}"),
+                &format!("{major}:{}", minor + p),
+                Some(*p),
+            );
+        }
+    }
+
+    /// Replaces the mount table: `/proc` plus one mountinfo line per `(majmin, mount
+    /// point, fstype, source)`.
+    pub fn mounts(&self, mounts: &[(&str, &str, &str, &str)]) {
+        let mut text = String::from("22 1 0:21 / /proc rw,nosuid - proc proc rw\n");
+        for (i, (majmin, point, fstype, source)) in mounts.iter().enumerate() {
+            text.push_str(&format!(
+                "{} 1 {majmin} / {point} rw,relatime shared:{} - {fstype} {source} rw\n",
+                30 + i,
+                i + 1
+            ));
+        }
+        self.write("proc/self/mountinfo", &text);
+    }
+
+    /// `/proc/swaps` with one partition per device path.
+    pub fn swaps(&self, devices: &[&str]) {
+        let mut text = String::from("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n");
+        for d in devices {
+            text.push_str(&format!("{d:<40}partition\t8388604\t\t0\t\t-2\n"));
+        }
+        self.write("proc/swaps", &text);
+    }
+
+    /// `/` on LVM (`vg0-root`, dm-0) on the third partition of an NVMe namespace, `/boot/efi`
+    /// on its first, behind the controller at `addr`. Debian's kernels enable native NVMe
+    /// multipath, so the namespace hangs off `sys/devices/virtual/nvme-subsystem/`, which
+    /// links to its controller.
+    pub fn lvm_root_on_nvme(&self, addr: &str) {
+        let ctrl = format!("sys/devices/pci0000:00/{addr}/nvme/nvme0");
+        self.write(&format!("{ctrl}/address"), &format!("{addr}\n"));
+        let subsys = "sys/devices/virtual/nvme-subsystem/nvme-subsys0";
+        self.link(&ctrl, &format!("{subsys}/nvme0"));
+        let ns = format!("{subsys}/nvme0n1");
+        self.block(&ns, "259:0", None);
+        for p in 1..=3 {
+            self.block(&format!("{ns}/nvme0n1p{p}"), &format!("259:{p}"), Some(p));
+        }
+        let dm = self.stacked("dm-0", "253:0", &["nvme0n1p3"]);
+        self.write(&format!("{dm}/dm/name"), "vg0-root\n");
+        self.mounts(&[
+            ("253:0", "/", "ext4", "/dev/mapper/vg0-root"),
+            ("259:1", "/boot/efi", "vfat", "/dev/nvme0n1p1"),
+        ]);
+    }
+
+    /// `/` on md RAID1 (`md0`) over `sda1` and `sdb1`, two SATA disks behind the AHCI
+    /// controller at `ahci`: with `luks`, through dm-crypt (`md0_crypt`, dm-0) on md0;
+    /// without, on the first partition of the partitioned array (`md0p1`, whose
+    /// `slaves/` is empty: its disk is the parent directory).
+    pub fn md_raid1_root(&self, ahci: &str, luks: bool) {
+        self.sata_disk(ahci, 0, "sda", (8, 0), &[1]);
+        self.sata_disk(ahci, 1, "sdb", (8, 16), &[1]);
+        let md = self.stacked("md0", "9:0", &["sda1", "sdb1"]);
+        self.write(&format!("{md}/md/level"), "raid1\n");
+        if luks {
+            let dm = self.stacked("dm-0", "253:0", &["md0"]);
+            self.write(&format!("{dm}/dm/name"), "md0_crypt\n");
+            self.mounts(&[("253:0", "/", "ext4", "/dev/mapper/md0_crypt")]);
+        } else {
+            self.block(&format!("{md}/md0p1"), "259:8", Some(1));
+            self.mounts(&[("259:8", "/", "ext4", "/dev/md0p1")]);
+        }
+    }
+
+    /// `/` on one btrfs filesystem over `sda2` (behind the SATA controller at `ahci`) and
+    /// the whole NVMe disk `nvme0n1` (behind `nvme`). The mount table names only the
+    /// first device; `sys/fs/btrfs/<fsid>/devices/` lists both.
+    pub fn btrfs_root_on_two_disks(&self, ahci: &str, nvme: &str) {
+        self.sata_disk(ahci, 0, "sda", (8, 0), &[1, 2]);
+        let ns = format!("sys/devices/pci0000:00/{nvme}/nvme/nvme0/nvme0n1");
+        self.block(&ns, "259:0", None);
+        let fsid = "sys/fs/btrfs/4a1e6c2b-8f0d-4c7e-9a55-2f1b0c3d4e5f/devices";
+        self.link(
+            &format!("sys/devices/pci0000:00/{ahci}/ata1/host0/target0:0:0/0:0:0:0/block/sda/sda2"),
+            &format!("{fsid}/sda2"),
+        );
+        self.link(&ns, &format!("{fsid}/nvme0n1"));
+        self.mounts(&[("0:31", "/", "btrfs", "/dev/sda2")]);
+    }
+
+    /// `/` on the ZFS dataset `<pool>/ROOT/pve-1`, as Proxmox installs it. Every NVMe
+    /// controller's namespace gets its partitions; which of them the pool uses only
+    /// `zpool status` on the host can tell.
+    pub fn zfs_root(&self, pool: &str, nvme: &[&str]) {
+        for (n, addr) in nvme.iter().enumerate() {
+            let ns = format!("sys/devices/pci0000:00/{addr}/nvme/nvme{n}/nvme{n}n1");
+            self.block(&ns, &format!("259:{}", n * 4), None);
+            for p in 1..=3 {
+                self.block(
+                    &format!("{ns}/nvme{n}n1p{p}"),
+                    &format!("259:{}", n * 4 + p as usize),
+                    Some(p),
+                );
+            }
+        }
+        self.mounts(&[("0:25", "/", "zfs", &format!("{pool}/ROOT/pve-1"))]);
+    }
+
+    /// `/` on NFS (version 4) from `source` (`server:/export`).
+    pub fn nfs_root(&self, source: &str) {
+        self.link("sys/devices/virtual/net/lo", "sys/class/net/lo");
+        self.mounts(&[("0:23", "/", "nfs4", source)]);
+    }
+
+    /// `/` on `sdb1` of an iSCSI session of the software initiator (host2, session1),
+    /// bound to the interface `eth1` of the NIC at `nic`.
+    pub fn iscsi_root(&self, nic: &str) {
+        let host = "sys/devices/platform/host2";
+        let disk = format!("{host}/session1/target2:0:0/2:0:0:0/block/sdb");
+        self.block(&disk, "8:16", None);
+        self.block(&format!("{disk}/sdb1"), "8:17", Some(1));
+        self.write(&format!("{host}/iscsi_host/host2/netdev"), "eth1\n");
+        self.link(
+            &format!("{host}/iscsi_host/host2"),
+            "sys/class/iscsi_host/host2",
+        );
+        self.link(
+            &format!("sys/devices/pci0000:00/{nic}/net/eth1"),
+            "sys/class/net/eth1",
+        );
+        self.mounts(&[("8:17", "/", "ext4", "/dev/sdb1")]);
+    }
+
+    /// An active swap partition `sda2` on a SATA disk behind the controller at `ahci`.
+    pub fn swap_on_sata(&self, ahci: &str) {
+        self.sata_disk(ahci, 0, "sda", (8, 0), &[1, 2]);
+        self.swaps(&["/dev/sda2"]);
+    }
+
+    /// A tree without `/proc` at all, as a chroot without it mounted.
+    pub fn without_proc(&self) {
+        fs::remove_dir_all(self.path("proc")).expect("rm proc");
+    }
+
+    /// Adds a mount whose mount point is not UTF-8 (`/mnt/\xff\xfe`) to the mount table.
+    pub fn mount_point_not_utf8(&self) {
+        let mut bytes = fs::read(self.path("proc/self/mountinfo")).expect("mountinfo");
+        bytes.extend_from_slice(b"40 1 8:33 / /mnt/\xff\xfe rw,relatime - ext4 /dev/sdc1 rw\n");
+        fs::write(self.path("proc/self/mountinfo"), bytes).expect("write");
+    }
+}

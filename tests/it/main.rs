@@ -13,4 +13,5 @@ mod fixtures;
 mod initramfs;
 mod rom;
 mod status;
+mod sysdisk;
 mod tidy;
