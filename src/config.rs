@@ -1,15 +1,18 @@
 //! `/etc/vfio-early.toml`: the config types, parsing, and error rendering.
 //!
 //! Parsing is apart from I/O: [`parse`] takes text and a display name, [`load`] reads a
-//! file (any bytes) and calls it. Unknown keys, wrong types, duplicate keys, malformed ids
-//! or addresses and non-UTF-8 input all become a [`ConfigError`] carrying file, line and
-//! column, the offending line, and a fix. Defaults live here, on the types.
+//! file (any bytes) and calls it. Unknown keys, wrong types, duplicate keys, malformed
+//! ids, addresses, kernel arguments ([`KernelToken`]) or module names ([`ModuleName`]),
+//! and non-UTF-8 input all become a [`ConfigError`] carrying file, line and column, the
+//! offending line, and a fix. Defaults live here, on the types.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kargs::KernelToken;
 use crate::pci::{PciAddress, VendorDevice};
 
 /// The whole config. Every table and key is optional; defaults suit most users.
@@ -156,9 +159,9 @@ pub struct Kernel {
     /// `pcie_acs_override=` values; only patched kernels (Proxmox) honour it.
     #[serde(default)]
     pub acs_override: Vec<AcsOverride>,
-    /// Further arguments, appended as given.
+    /// Further arguments, appended as given; each one kernel argument.
     #[serde(default)]
-    pub extra_args: Vec<String>,
+    pub extra_args: Vec<KernelToken>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -196,7 +199,93 @@ pub struct Modules {
     /// Drivers to blacklist host-wide. Empty by default: vfio-early takes devices by
     /// address, so blacklisting is only needed for drivers that misbehave.
     #[serde(default)]
-    pub blacklist: Vec<String>,
+    pub blacklist: Vec<ModuleName>,
+}
+
+/// A kernel module name as kmod and the kernel take it: letters, digits, `_` and `-`, at
+/// most 55 characters (the kernel's `MODULE_NAME_LEN` with its NUL, on 64-bit).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModuleName(String);
+
+impl ModuleName {
+    pub const MAX_LEN: usize = 55;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ModuleName {
+    type Err = crate::kargs::TokenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fix = "write the module name as `lsmod` or `modinfo -F name` prints it: \
+                   letters, digits, `_` and `-`, one name per list element";
+        let bad = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'));
+        let message = if s.is_empty() {
+            "an empty module name".to_string()
+        } else if let Some(c) = bad {
+            format!(
+                "`{}` is not a module name: `{}` cannot appear in one",
+                shown(s),
+                shown(&c.to_string())
+            )
+        } else if s.chars().count() > Self::MAX_LEN {
+            format!(
+                "`{}` is not a module name: longer than {} characters",
+                shown(s),
+                Self::MAX_LEN
+            )
+        } else {
+            return Ok(ModuleName(s.to_string()));
+        };
+        Err(crate::kargs::TokenError {
+            message,
+            fix: fix.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ModuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ModuleName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModuleName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A value from the config as an error message shows it: control characters escaped
+/// (TOML's way), at most 60 characters, so a message stays one short line.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `[kvm]`
@@ -297,12 +386,43 @@ impl fmt::Display for ConfigError {
 /// Parses config text. `file` is only used in error messages.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|e| {
-        let span = e.span();
         let message = e.message().trim().to_string();
+        let span = e
+            .span()
+            .map(|s| element_span(text, &s, &message).unwrap_or(s));
         error_at(text, file, span, &message)
     })?;
     validate(&config, text, file)?;
     Ok(config)
+}
+
+/// The TOML crate locates an error in a list element (a kernel argument, a module name)
+/// at the whole list; this finds the element whose own check gives `message`.
+fn element_span(
+    text: &str,
+    list: &std::ops::Range<usize>,
+    message: &str,
+) -> Option<std::ops::Range<usize>> {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        v: Vec<toml::Spanned<String>>,
+    }
+    const PREFIX: &str = "v = ";
+    let slice = text.get(list.clone()).filter(|s| s.starts_with('['))?;
+    let wrapper: Wrapper = toml::from_str(&format!("{PREFIX}{slice}")).ok()?;
+    let gives_message = |value: &str| {
+        let token = value.parse::<KernelToken>().err().map(|e| e.to_string());
+        let module = value.parse::<ModuleName>().err().map(|e| e.to_string());
+        token.as_deref() == Some(message) || module.as_deref() == Some(message)
+    };
+    wrapper
+        .v
+        .iter()
+        .find(|item| gives_message(item.get_ref()))
+        .map(|item| {
+            let span = item.span();
+            list.start + span.start - PREFIX.len()..list.start + span.end - PREFIX.len()
+        })
 }
 
 /// Reads and parses a config file; any bytes in, a [`ConfigError`] for anything wrong.
@@ -562,6 +682,32 @@ mod tests {
     fn duplicate_address_is_rejected() {
         let e = p("[[device]]\nid = \"8086:10d3\"\naddress = \"00:03.0\"\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:00:03.0\"\n").unwrap_err();
         assert_eq!(e.line, 4);
+    }
+
+    #[test]
+    fn a_bad_kernel_argument_points_at_its_list_element() {
+        let e = p("[kernel]\nextra_args = [\n  \"quiet\",\n  \"iommu=pt intel_iommu=on\",\n]\n")
+            .unwrap_err();
+        assert_eq!((e.line, e.column), (4, 3), "{e}");
+        assert!(e.fix.contains("its own list element"), "{e}");
+        let e = p("[kernel]\nextra_args = [\"quiet\", \"a\\nb\"]\n").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 24), "{e}");
+        assert!(!e.message.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_bad_module_name_points_at_its_list_element() {
+        let e = p("[modules]\nblacklist = [\"nouveau\", \"amdgpu\\ninstall x /bin/sh\"]\n")
+            .unwrap_err();
+        assert_eq!((e.line, e.column), (2, 25), "{e}");
+        assert!(e.message.contains("not a module name"), "{e}");
+        for ok in ["nouveau", "snd-hda-intel", "snd_hda_codec_hdmi", "i915"] {
+            assert_eq!(ok.parse::<ModuleName>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "a b", "../x", "#x", "nouveau\n", &"m".repeat(56)] {
+            assert!(bad.parse::<ModuleName>().is_err(), "{bad:?}");
+        }
+        assert!("m".repeat(55).parse::<ModuleName>().is_ok());
     }
 
     #[test]
