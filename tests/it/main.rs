@@ -8,6 +8,7 @@ mod bind;
 mod cli;
 mod config_errors;
 mod fake;
+mod hostile;
 mod initramfs;
 mod rom;
 mod status;
