@@ -476,9 +476,11 @@ fn element_span(
         .v
         .iter()
         .find(|item| gives_message(item.get_ref()))
-        .map(|item| {
+        .and_then(|item| {
             let span = item.span();
-            list.start + span.start - PREFIX.len()..list.start + span.end - PREFIX.len()
+            let start = span.start.checked_sub(PREFIX.len())?;
+            let end = span.end.checked_sub(PREFIX.len())?;
+            Some(list.start + start..list.start + end)
         })
 }
 
