@@ -1,16 +1,30 @@
 //! `/etc/vfio-early.toml`: the config types, parsing, and error rendering.
 //!
 //! Parsing is apart from I/O: [`parse`] takes text and a display name, [`load`] reads a
-//! file (any bytes) and calls it. Unknown keys, wrong types, duplicate keys, malformed ids
-//! or addresses and non-UTF-8 input all become a [`ConfigError`] carrying file, line and
-//! column, the offending line, and a fix. Defaults live here, on the types.
+//! file (a regular file of at most [`MAX_CONFIG_BYTES`], any bytes) and calls it. Unknown
+//! keys, wrong types, duplicate keys, malformed ids, addresses, kernel arguments
+//! ([`KernelToken`]) or module names ([`ModuleName`]), and non-UTF-8 input all become a
+//! [`ConfigError`] carrying file, line and column, the offending line (a bounded excerpt
+//! of a long one), and a fix. Defaults live here, on the types.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kargs::KernelToken;
 use crate::pci::{PciAddress, VendorDevice};
+
+/// The largest config read (1 MiB); a real one is a few kilobytes.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Characters of a long source line shown in an error, around the column.
+const EXCERPT_CHARS: usize = 200;
+
+/// Characters of a message or fix line; longer ones end in `…`.
+const MESSAGE_CHARS: usize = 400;
 
 /// The whole config. Every table and key is optional; defaults suit most users.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -156,9 +170,9 @@ pub struct Kernel {
     /// `pcie_acs_override=` values; only patched kernels (Proxmox) honour it.
     #[serde(default)]
     pub acs_override: Vec<AcsOverride>,
-    /// Further arguments, appended as given.
+    /// Further arguments, appended as given; each one kernel argument.
     #[serde(default)]
-    pub extra_args: Vec<String>,
+    pub extra_args: Vec<KernelToken>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -196,7 +210,93 @@ pub struct Modules {
     /// Drivers to blacklist host-wide. Empty by default: vfio-early takes devices by
     /// address, so blacklisting is only needed for drivers that misbehave.
     #[serde(default)]
-    pub blacklist: Vec<String>,
+    pub blacklist: Vec<ModuleName>,
+}
+
+/// A kernel module name as kmod and the kernel take it: letters, digits, `_` and `-`, at
+/// most 55 characters (the kernel's `MODULE_NAME_LEN` with its NUL, on 64-bit).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModuleName(String);
+
+impl ModuleName {
+    pub const MAX_LEN: usize = 55;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ModuleName {
+    type Err = crate::kargs::TokenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fix = "write the module name as `lsmod` or `modinfo -F name` prints it: \
+                   letters, digits, `_` and `-`, one name per list element";
+        let bad = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'));
+        let message = if s.is_empty() {
+            "an empty module name".to_string()
+        } else if let Some(c) = bad {
+            format!(
+                "`{}` is not a module name: `{}` cannot appear in one",
+                shown(s),
+                shown(&c.to_string())
+            )
+        } else if s.chars().count() > Self::MAX_LEN {
+            format!(
+                "`{}` is not a module name: longer than {} characters",
+                shown(s),
+                Self::MAX_LEN
+            )
+        } else {
+            return Ok(ModuleName(s.to_string()));
+        };
+        Err(crate::kargs::TokenError {
+            message,
+            fix: fix.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ModuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ModuleName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModuleName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A value from the config as an error message shows it: control characters escaped
+/// (TOML's way), at most 60 characters, so a message stays one short line.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `[kvm]`
@@ -279,30 +379,109 @@ impl fmt::Display for ConfigError {
             )?;
         }
         if let Some(text) = &self.source_line {
+            let (text, column, span_len) = excerpt(text, self.column, self.span_len);
             let num = self.line.to_string();
             let pad = " ".repeat(num.len());
             writeln!(f, "{pad} |")?;
             writeln!(f, "{num} | {text}")?;
             let lead: String = text
                 .chars()
-                .take(self.column.saturating_sub(1))
+                .take(column.saturating_sub(1))
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            writeln!(f, "{pad} | {lead}{}", "^".repeat(self.span_len.max(1)))?;
+            writeln!(f, "{pad} | {lead}{}", "^".repeat(span_len.max(1)))?;
         }
         write!(f, "fix: {}", self.fix)
+    }
+}
+
+/// The part of a source line an error shows: all of a short line, or
+/// [`EXCERPT_CHARS`] characters around `column` with `…` where it was cut; control
+/// characters (which the terminal would act on) as `\u{FFFD}`. Returns the text and the
+/// column and underline width within it.
+fn excerpt(text: &str, column: usize, span_len: usize) -> (String, usize, usize) {
+    let chars: Vec<char> = text
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if chars.len() <= EXCERPT_CHARS {
+        return (chars.into_iter().collect(), column, span_len);
+    }
+    let at = column.saturating_sub(1).min(chars.len());
+    let start = at
+        .saturating_sub(EXCERPT_CHARS / 2)
+        .min(chars.len() - EXCERPT_CHARS);
+    let end = start + EXCERPT_CHARS;
+    let mut out = String::new();
+    let mut column = at - start + 1;
+    if start > 0 {
+        out.push('…');
+        column += 1;
+    }
+    out.extend(&chars[start..end]);
+    if end < chars.len() {
+        out.push('…');
+    }
+    let span_len = span_len.min(end.saturating_sub(at)).max(1);
+    (out, column, span_len)
+}
+
+/// One line of at most [`MESSAGE_CHARS`] characters.
+fn bounded(line: &str) -> String {
+    match line.char_indices().nth(MESSAGE_CHARS) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
     }
 }
 
 /// Parses config text. `file` is only used in error messages.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|e| {
-        let span = e.span();
         let message = e.message().trim().to_string();
+        let span = e
+            .span()
+            .map(|s| element_span(text, &s, &message).unwrap_or(s));
         error_at(text, file, span, &message)
     })?;
     validate(&config, text, file)?;
     Ok(config)
+}
+
+/// The TOML crate locates an error in a list element (a kernel argument, a module name)
+/// at the whole list; this finds the element whose own check gives `message`.
+fn element_span(
+    text: &str,
+    list: &std::ops::Range<usize>,
+    message: &str,
+) -> Option<std::ops::Range<usize>> {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        v: Vec<toml::Spanned<String>>,
+    }
+    const PREFIX: &str = "v = ";
+    let slice = text.get(list.clone()).filter(|s| s.starts_with('['))?;
+    let wrapper: Wrapper = toml::from_str(&format!("{PREFIX}{slice}")).ok()?;
+    let gives_message = |value: &str| {
+        let token = value.parse::<KernelToken>().err().map(|e| e.to_string());
+        let module = value.parse::<ModuleName>().err().map(|e| e.to_string());
+        token.as_deref() == Some(message) || module.as_deref() == Some(message)
+    };
+    wrapper
+        .v
+        .iter()
+        .find(|item| gives_message(item.get_ref()))
+        .and_then(|item| {
+            let span = item.span();
+            let start = span.start.checked_sub(PREFIX.len())?;
+            let end = span.end.checked_sub(PREFIX.len())?;
+            Some(list.start + start..list.start + end)
+        })
 }
 
 /// Reads and parses a config file; any bytes in, a [`ConfigError`] for anything wrong.
@@ -310,26 +489,61 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&read_text(path)?, path)
 }
 
-/// The config file's text; unreadable or non-UTF-8 files are located errors.
+/// The config file's text; unreadable or non-UTF-8 files are located errors. Only a
+/// regular file is read (a FIFO would block, a device could be endless), and at most
+/// [`MAX_CONFIG_BYTES`] of it.
 pub fn read_text(path: &Path) -> Result<String, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let unpositioned = |message: String, fix: &str| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        message,
+        source_line: None,
+        span_len: 1,
+        fix: fix.to_string(),
+    };
+    let io_error = |e: std::io::Error| {
         let fix = if e.kind() == std::io::ErrorKind::NotFound {
             "create it (the package ships a commented example), or name another file \
              with --config"
-                .to_string()
         } else {
-            "check the file's permissions; vfio-early must be able to read it".to_string()
+            "check the file's permissions; vfio-early must be able to read it"
         };
-        ConfigError {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read the config: {e}"),
-            source_line: None,
-            span_len: 1,
-            fix,
-        }
-    })?;
+        unpositioned(format!("cannot read the config: {e}"), fix)
+    };
+    let not_regular = |kind: std::fs::FileType| {
+        unpositioned(
+            format!(
+                "the config is not a regular file (it is {})",
+                file_kind(kind)
+            ),
+            "name a regular file with --config",
+        )
+    };
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    let meta = std::fs::metadata(path).map_err(io_error)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    // And on what was opened, in case the path changed in between.
+    let meta = file.metadata().map_err(io_error)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(unpositioned(
+            format!(
+                "the config is larger than {} MiB",
+                MAX_CONFIG_BYTES / (1024 * 1024)
+            ),
+            "a config is a few kilobytes; check that --config names the right file",
+        ));
+    }
     match String::from_utf8(bytes) {
         Ok(t) => Ok(t),
         Err(e) => {
@@ -351,6 +565,23 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
                 fix: "save the file as UTF-8; TOML files must be UTF-8".to_string(),
             })
         }
+    }
+}
+
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "of another kind"
     }
 }
 
@@ -394,10 +625,10 @@ fn error_at(
         file: file.to_path_buf(),
         line,
         column,
-        message: first_line(message),
+        message: bounded(&first_line(message)),
         source_line,
         span_len,
-        fix: fix_for(message),
+        fix: bounded(&fix_for(message)),
     }
 }
 
@@ -562,6 +793,61 @@ mod tests {
     fn duplicate_address_is_rejected() {
         let e = p("[[device]]\nid = \"8086:10d3\"\naddress = \"00:03.0\"\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:00:03.0\"\n").unwrap_err();
         assert_eq!(e.line, 4);
+    }
+
+    #[test]
+    fn a_bad_kernel_argument_points_at_its_list_element() {
+        let e = p("[kernel]\nextra_args = [\n  \"quiet\",\n  \"iommu=pt intel_iommu=on\",\n]\n")
+            .unwrap_err();
+        assert_eq!((e.line, e.column), (4, 3), "{e}");
+        assert!(e.fix.contains("its own list element"), "{e}");
+        let e = p("[kernel]\nextra_args = [\"quiet\", \"a\\nb\"]\n").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 24), "{e}");
+        assert!(!e.message.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_bad_module_name_points_at_its_list_element() {
+        let e = p("[modules]\nblacklist = [\"nouveau\", \"amdgpu\\ninstall x /bin/sh\"]\n")
+            .unwrap_err();
+        assert_eq!((e.line, e.column), (2, 25), "{e}");
+        assert!(e.message.contains("not a module name"), "{e}");
+        for ok in ["nouveau", "snd-hda-intel", "snd_hda_codec_hdmi", "i915"] {
+            assert_eq!(ok.parse::<ModuleName>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "a b", "../x", "#x", "nouveau\n", &"m".repeat(56)] {
+            assert!(bad.parse::<ModuleName>().is_err(), "{bad:?}");
+        }
+        assert!("m".repeat(55).parse::<ModuleName>().is_ok());
+    }
+
+    #[test]
+    fn a_long_line_shows_an_excerpt_around_the_column() {
+        let many = "\"y\", ".repeat(2000);
+        let text = format!("[kernel]\nextra_args = [{many}\"a b\", {many}]\n");
+        let e = p(&text).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.len() < 1500, "{} bytes:\n{shown}", shown.len());
+        let lines: Vec<&str> = shown.lines().collect();
+        // The excerpt's caret sits under the offending element.
+        let (src, caret) = (lines[2], lines[3]);
+        let at = caret.chars().position(|c| c == '^').unwrap();
+        let under: String = src.chars().skip(at).take(6).collect();
+        assert_eq!(under, "\"a b\",", "{shown}");
+        assert!(src.contains('…'));
+    }
+
+    #[test]
+    fn excerpt_keeps_short_lines_and_marks_cuts() {
+        assert_eq!(excerpt("a\tb", 3, 1), ("a\tb".to_string(), 3, 1));
+        assert_eq!(excerpt("a\u{1b}[2Jb", 1, 1).0, "a\u{FFFD}[2Jb");
+        let long = "z".repeat(1000);
+        let (t, col, span) = excerpt(&long, 500, 5);
+        assert_eq!((t.chars().count(), col, span), (202, 102, 5));
+        let (t, col, span) = excerpt(&long, 1000, 5);
+        assert_eq!((t.chars().count(), col, span), (201, 201, 1));
+        let (t, col, _) = excerpt(&long, 1, 1);
+        assert_eq!((t.chars().count(), col), (201, 1));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod config_errors;
 mod confine;
 mod fake;
 mod fixtures;
+mod hostile;
 mod initramfs;
 mod rom;
 mod status;
