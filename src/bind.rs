@@ -73,6 +73,7 @@ impl Sysfs for RealSysfs {
             MODPROBE_TIMEOUT,
             crate::command::Output::Quiet,
         )
+        .map(drop)
     }
 }
 

@@ -43,6 +43,25 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// A machine with nothing discovered, every system disk known (none): for unit tests
+    /// that fill in what they need.
+    #[cfg(test)]
+    pub fn empty_for_tests() -> Machine {
+        Machine {
+            devices: Vec::new(),
+            cpu_vendor: CpuVendor::Unknown,
+            cmdline: None,
+            running_kernel: None,
+            installed_kernels: Vec::new(),
+            iommu_units: Vec::new(),
+            system_disks: crate::sysdisk::SystemDisks {
+                known: Vec::new(),
+                unknown: Vec::new(),
+            },
+            kernels: Vec::new(),
+        }
+    }
+
     pub fn device(&self, address: PciAddress) -> Option<&Device> {
         self.devices.iter().find(|d| d.address == address)
     }
@@ -51,7 +70,7 @@ impl Machine {
     pub fn cmdline_has(&self, token: &str) -> bool {
         self.cmdline
             .as_deref()
-            .map(|c| c.split_whitespace().any(|t| t == token))
+            .map(|c| crate::kargs::cmdline_has(c, token))
             .unwrap_or(false)
     }
 }

@@ -16,12 +16,12 @@ use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::context::Context;
 use crate::host::{Host, Image, Runtime};
-use crate::kmod;
 use crate::machine::{CpuVendor, Machine};
 use crate::outcome::Outcome;
 use crate::paths;
 use crate::plan::{Decision, Plan};
 use crate::state::Manifest;
+use crate::{kargs, kmod};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -464,10 +464,15 @@ fn reset_checks(m: &Machine, rt: &Runtime, targets: &[&Decision]) -> Vec<Check> 
 /// The bootloader config carries the arguments for the next boot.
 fn bootloader_check(host: &Host, config: &Config, mf: &Manifest) -> Check {
     let bl = host.boot.resolve(config.bootloader.kind);
-    let has_all = |text: &str| {
-        mf.kernel_args
-            .iter()
-            .all(|t| text.split_whitespace().any(|w| w == t))
+    // /etc/kernel/cmdline holds the tokens as the kernel reads them; a grub.cfg `linux`
+    // line holds them as GRUB words (quoted for its parser).
+    let has_all = |text: &str| mf.kernel_args.iter().all(|t| kargs::cmdline_has(text, t));
+    let grub_has_all = |line: &str| {
+        let words = kargs::split_args(line);
+        mf.kernel_args.iter().all(|t| {
+            t.parse::<kargs::KernelToken>()
+                .is_ok_and(|k| words.contains(&k.grub_word().as_str()))
+        })
     };
     let mut found = Vec::new();
     let mut problems = Vec::new();
@@ -483,7 +488,7 @@ fn bootloader_check(host: &Host, config: &Config, mf: &Manifest) -> Check {
             let has_entry = cfg
                 .lines()
                 .filter(|l| l.trim_start().starts_with("linux"))
-                .any(has_all);
+                .any(grub_has_all);
             if has_entry {
                 found.push("grub.cfg");
             } else {
@@ -624,5 +629,196 @@ mod tests {
             Some("BOOTFB")
         );
         assert_eq!(framebuffer_in(iomem, "0000:02:00.0"), None);
+    }
+}
+
+#[cfg(test)]
+mod checks {
+    //! Each check as a function of facts: tables instead of fake trees.
+
+    use super::*;
+    use crate::bootloader::BootFacts;
+    use crate::config;
+    use crate::host::Generator;
+    use crate::state::{Applied, State};
+    use std::collections::BTreeMap;
+
+    fn cfg(text: &str) -> Config {
+        config::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    fn manifest(args: &[&str]) -> Manifest {
+        Manifest {
+            schema: 1,
+            kernel_args: args.iter().map(|s| s.to_string()).collect(),
+            ..Manifest::default()
+        }
+    }
+
+    fn host(boot: BootFacts, files: &[(&'static str, &str)], grub_cfg: Option<&str>) -> Host {
+        let mut owned = BTreeMap::new();
+        for (rel, text) in files {
+            owned.insert(*rel, Ok(Some(text.to_string())));
+        }
+        Host {
+            is_host: false,
+            state: State::default(),
+            owned,
+            existing_dirs: Default::default(),
+            boot,
+            grub_cfg: grub_cfg.map(str::to_string),
+            generator: Generator::InitramfsTools,
+        }
+    }
+
+    const QUOTED: &str = "dyndbg=\"module vfio_pci +p\"";
+
+    #[test]
+    fn cmdline_check_reads_arguments_as_the_kernel_does() {
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\n");
+        let m = |cmdline: &str| Machine {
+            cmdline: Some(cmdline.to_string()),
+            ..crate::machine::Machine::empty_for_tests()
+        };
+        let mf = manifest(&["intel_iommu=on", QUOTED]);
+        for (cmdline, verdict) in [
+            // GRUB hands a quoted value on with the quotes around the whole argument.
+            (
+                "root=/dev/vda ro intel_iommu=on \"dyndbg=module vfio_pci +p\"",
+                Verdict::Pass,
+            ),
+            (
+                "root=/dev/vda ro intel_iommu=on dyndbg=\"module vfio_pci +p\"",
+                Verdict::Pass,
+            ),
+            ("root=/dev/vda ro intel_iommu=on", Verdict::Fail),
+            (
+                "root=/dev/vda ro \"dyndbg=module vfio_pci +p\"",
+                Verdict::Fail,
+            ),
+        ] {
+            let got = cmdline_check(&c, &m(cmdline), Some(&mf)).verdict;
+            assert_eq!(got, verdict, "{cmdline}");
+        }
+        assert_eq!(cmdline_check(&c, &m(""), None).verdict, Verdict::Fail);
+        assert_eq!(cmdline_check(&cfg(""), &m(""), None).verdict, Verdict::Warn);
+    }
+
+    #[test]
+    fn bootloader_check_per_bootloader() {
+        let grub = BootFacts {
+            grub: true,
+            ..BootFacts::default()
+        };
+        let sdboot = BootFacts {
+            systemd_boot: true,
+            ..BootFacts::default()
+        };
+        let args = ["intel_iommu=on", QUOTED];
+        let dropin = bootloader::render_grub_dropin(&args.map(String::from));
+        let good_cfg = "menuentry 'Debian' {\n\tlinux /vmlinuz root=/dev/vda ro quiet intel_iommu=on dyndbg=\"module vfio_pci +p\"\n}\n";
+        let stale_cfg = "menuentry 'Debian' {\n\tlinux /vmlinuz root=/dev/vda ro quiet\n}\n";
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\n");
+        let mf = manifest(&args);
+        let cases: Vec<(&str, Host, Verdict)> = vec![
+            (
+                "grub, all in place",
+                host(grub, &[(paths::GRUB_DROPIN, &dropin)], Some(good_cfg)),
+                Verdict::Pass,
+            ),
+            (
+                "grub, update-grub did not run",
+                host(grub, &[(paths::GRUB_DROPIN, &dropin)], Some(stale_cfg)),
+                Verdict::Fail,
+            ),
+            (
+                "grub, drop-in missing",
+                host(grub, &[], Some(good_cfg)),
+                Verdict::Fail,
+            ),
+            (
+                "grub, drop-in edited",
+                host(grub, &[(paths::GRUB_DROPIN, "# edited\n")], Some(good_cfg)),
+                Verdict::Fail,
+            ),
+            (
+                "systemd-boot",
+                host(
+                    sdboot,
+                    &[(
+                        paths::KERNEL_CMDLINE,
+                        "root=/dev/vda ro intel_iommu=on dyndbg=\"module vfio_pci +p\"\n",
+                    )],
+                    None,
+                ),
+                Verdict::Pass,
+            ),
+            (
+                "systemd-boot, file lacks them",
+                host(
+                    sdboot,
+                    &[(paths::KERNEL_CMDLINE, "root=/dev/vda ro\n")],
+                    None,
+                ),
+                Verdict::Fail,
+            ),
+            ("none", host(BootFacts::default(), &[], None), Verdict::Warn),
+        ];
+        for (name, h, verdict) in cases {
+            assert_eq!(bootloader_check(&h, &c, &mf).verdict, verdict, "{name}");
+        }
+    }
+
+    #[test]
+    fn modules_check_wants_the_three_core_modules() {
+        let rt = |mods: &[&str]| Runtime {
+            sys_modules: mods.iter().map(|s| s.to_string()).collect(),
+            ..Runtime::default()
+        };
+        assert_eq!(
+            modules_check(&rt(&["vfio", "vfio_iommu_type1", "vfio_pci", "kvm"])).verdict,
+            Verdict::Pass
+        );
+        let c = modules_check(&rt(&["vfio"]));
+        assert_eq!(
+            (c.verdict, c.summary.as_str()),
+            (Verdict::Fail, "loaded: vfio")
+        );
+        assert_eq!(modules_check(&rt(&[])).summary, "loaded: none");
+    }
+
+    #[test]
+    fn applied_check_compares_the_config_text() {
+        let c = cfg("[[device]]\nid = \"8086:10d3\"\n");
+        let text = "[[device]]\nid = \"8086:10d3\"\n";
+        let applied = |t: &str| Applied {
+            text: crate::state::render_applied(t, false),
+            forced: false,
+        };
+        let m = crate::machine::Machine::empty_for_tests();
+        let plan = Plan::default();
+        let rt = Runtime::default();
+        for (state, config_text, verdict) in [
+            (Some(applied(text)), Some(text), Verdict::Pass),
+            (
+                Some(applied(text)),
+                Some("[[device]]\nid = \"10de:1b80\"\n"),
+                Verdict::Warn,
+            ),
+            (None, Some(text), Verdict::Fail),
+        ] {
+            let mut h = host(BootFacts::default(), &[], None);
+            h.state.applied = state;
+            let inp = Inputs {
+                config: &c,
+                config_text,
+                config_path: Path::new("/etc/vfio-early.toml"),
+                machine: &m,
+                plan: &plan,
+                host: &h,
+                runtime: &rt,
+            };
+            assert_eq!(applied_check(&inp).verdict, verdict);
+        }
     }
 }
