@@ -28,7 +28,7 @@ use crate::kmod::KernelModules;
 use crate::machine::Machine;
 use crate::modprobe;
 use crate::outcome::Outcome;
-use crate::paths::{self, APPLIED, GRUB_DROPIN, KERNEL_CMDLINE, MANIFEST, MODPROBE};
+use crate::paths::{self, APPLIED, FORCED, GRUB_DROPIN, KERNEL_CMDLINE, MANIFEST, MODPROBE};
 use crate::plan::Plan;
 use crate::root::Root;
 use crate::state::{self, Manifest, State};
@@ -83,8 +83,8 @@ impl Writer for AtomicWriter {
 
 /// The target state: `Some` for apply, `None` for undo.
 pub struct Target<'a> {
-    /// `apply --force`: recorded in the applied config, so the early binder overrides
-    /// the same interlocks at boot and no others.
+    /// `apply --force`: recorded in a marker file the initramfs carries, so the early
+    /// binder overrides the same interlocks at boot and no others.
     pub forced: bool,
     pub config: &'a Config,
     pub config_text: &'a str,
@@ -167,9 +167,11 @@ fn wanted_files(
 ) -> Vec<(&'static str, Option<String>)> {
     let modprobe_text = target.and_then(|t| modprobe::render(t.config, t.plan, softdeps));
     // The applied config, the hooks' source: present only when devices are configured.
-    let applied = target
-        .filter(|t| !t.config.devices.is_empty())
-        .map(|t| state::render_applied(t.config_text, t.forced));
+    let configured = target.filter(|t| !t.config.devices.is_empty());
+    let applied = configured.map(|t| state::render_applied(t.config_text));
+    let forced = configured
+        .filter(|t| t.forced)
+        .map(|_| state::FORCED_TEXT.to_string());
     let grub = match bl {
         Some(b) if b.uses_grub_dropin(&host.boot) && !tokens.is_empty() => {
             Some(bootloader::render_grub_dropin(tokens))
@@ -179,6 +181,7 @@ fn wanted_files(
     vec![
         (MODPROBE, modprobe_text),
         (APPLIED, applied),
+        (FORCED, forced),
         (GRUB_DROPIN, grub),
     ]
 }
@@ -205,7 +208,20 @@ fn kernel_cmdline_change(
         Some(b) if b.uses_kernel_cmdline() && !tokens.is_empty() => {
             let seed = match &base {
                 Some(b) => b.clone(),
-                None => kargs::seed_from_proc(machine.cmdline.as_deref().unwrap_or("")),
+                // kernel-install falls back to /proc/cmdline when the file is absent:
+                // on the running system that is what it boots with today.
+                None if host.is_host => {
+                    kargs::seed_from_proc(machine.cmdline.as_deref().unwrap_or(""))
+                }
+                None => anyhow::bail!(
+                    "cannot write /{KERNEL_CMDLINE}: it does not exist, and outside the \
+                     running system the arguments this system boots with (root=, ...) \
+                     cannot be known, so kernel-install would make boot entries without \
+                     them; nothing was written\n\
+                     fix: create /{KERNEL_CMDLINE} in the target with the system's \
+                     arguments on its first line (e.g. `root=UUID=... ro quiet`), then run \
+                     apply again"
+                ),
             };
             let (text, added) = kargs::add_tokens(&seed, tokens);
             manifest.cmdline_added = added;
@@ -256,7 +272,7 @@ fn commands(ch: &Changes, old: &Manifest, bl: Option<Bootloader>, host: &Host) -
 /// The whole files apply owns and whether each exists after the change.
 fn final_files(host: &Host, ch: &Changes) -> anyhow::Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
-    for path in [MODPROBE, APPLIED, GRUB_DROPIN] {
+    for path in [MODPROBE, APPLIED, FORCED, GRUB_DROPIN] {
         let exists = match ch.files.iter().find(|c| c.path == path) {
             Some(c) => c.new.is_some(),
             None => host.current(path)?.is_some(),
@@ -546,8 +562,10 @@ pub fn render_hook_files(host: &Host, km: &KernelModules) -> String {
         return String::new();
     }
     let mut out = format!("file /{APPLIED} /{}\n", paths::CONFIG);
-    if host.has(MODPROBE) {
-        let _ = writeln!(out, "file /{MODPROBE} /{MODPROBE}");
+    for f in [MODPROBE, FORCED] {
+        if host.has(f) {
+            let _ = writeln!(out, "file /{f} /{f}");
+        }
     }
     let mods: Vec<&str> = if km.loadable.is_empty() {
         // Unknown kernel tree: name them all; the hooks tolerate missing ones.

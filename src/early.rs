@@ -15,7 +15,6 @@ use crate::machine;
 use crate::paths;
 use crate::plan;
 use crate::root::Root;
-use crate::state;
 
 /// Runs the early binder; always returns normally (the caller exits 0).
 pub fn run(root: &Root, cfg_path: &Path) {
@@ -45,12 +44,8 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
         ));
         return;
     }
-    // Read once: the text gives both the config and apply's --force marker.
-    let parsed = config::read_text(cfg_path).and_then(|t| {
-        let forced = state::applied_with_force(&t);
-        config::parse(&t, cfg_path).map(|c| (c, forced))
-    });
-    let (config, forced) = match parsed {
+    let parsed = config::read_text(cfg_path).and_then(|t| config::parse(&t, cfg_path));
+    let config = match parsed {
         Ok(c) => c,
         Err(e) => {
             let first = e.to_string();
@@ -59,6 +54,8 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
             return;
         }
     };
+    // apply --force leaves a marker file of its own, which no config text can forge.
+    let forced = root.exists(paths::FORCED);
     let machine = machine::discover(root);
     // `apply` is the gate for interlocks, but it may have run where the devices were not
     // visible (a chroot, before a card was fitted): the interlocks that can be judged

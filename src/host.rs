@@ -23,6 +23,7 @@ use crate::state::State;
 pub const OWNED_FILES: &[&str] = &[
     paths::MODPROBE,
     paths::APPLIED,
+    paths::FORCED,
     paths::GRUB_DROPIN,
     paths::KERNEL_CMDLINE,
 ];

@@ -36,6 +36,9 @@ pub const STATE_DIR: &str = "var/lib/vfio-early";
 // Files vfio-early owns (written by `apply`, removed by `undo`).
 pub const MANIFEST: &str = "var/lib/vfio-early/manifest.json";
 pub const APPLIED: &str = "var/lib/vfio-early/applied.toml";
+/// Present when the last apply was forced; the initramfs carries it at the same path. A
+/// file of its own, so no config text can forge it.
+pub const FORCED: &str = "var/lib/vfio-early/forced";
 pub const MODPROBE: &str = "etc/modprobe.d/vfio-early.conf";
 pub const GRUB_DROPIN: &str = "etc/default/grub.d/vfio-early.cfg";
 /// Shared with the user and kernel-install: vfio-early owns only its tokens.
@@ -104,6 +107,7 @@ pub const ALL: &[&str] = &[
     STATE_DIR,
     MANIFEST,
     APPLIED,
+    FORCED,
     MODPROBE,
     GRUB_DROPIN,
     KERNEL_CMDLINE,

@@ -1,6 +1,7 @@
 //! vfio-early's own state under `/var/lib/vfio-early/`: the manifest of what `apply`
 //! wrote (for `undo`, `status` and purge) and the config as of the last apply (what the
-//! initramfs hooks copy into the image), with apply's `--force` marker.
+//! initramfs hooks copy into the image), and apply's `--force` marker: a file of its
+//! own, so that no config text can forge it.
 //!
 //! Both `apply` and `status` read the state through [`State::read`]; only `apply` writes
 //! it (through its `Writer`). The formats are stable: the manifest is JSON with a schema
@@ -13,27 +14,17 @@ use serde::{Deserialize, Serialize};
 use crate::paths;
 use crate::root::Root;
 
-/// The line an `apply --force` puts into the applied config.
-pub const FORCED_MARKER: &str =
-    "# Applied with --force: the early binder overrides interlocks at boot too.";
-
-/// Whether an applied config (the text the initramfs carries) was applied with --force.
-pub fn applied_with_force(text: &str) -> bool {
-    text.lines().any(|l| l == FORCED_MARKER)
-}
-
-/// The applied config's text: a header, the force marker when forced, the config.
-pub fn render_applied(config_text: &str, forced: bool) -> String {
+/// The applied config's text: a header, then the config as it was.
+pub fn render_applied(config_text: &str) -> String {
     format!(
         "# The config as of the last `vfio-early apply`; the initramfs hooks copy this\n\
-         # file into the image. Edit /etc/vfio-early.toml instead.\n{}{config_text}",
-        if forced {
-            format!("{FORCED_MARKER}\n")
-        } else {
-            String::new()
-        },
+         # file into the image. Edit /etc/vfio-early.toml instead.\n{config_text}"
     )
 }
+
+/// The text of the forced marker file.
+pub const FORCED_TEXT: &str = "# `vfio-early apply --force` was used: the early binder \
+overrides interlocks at boot too.\n# `vfio-early apply` without --force removes this file.\n";
 
 /// What apply wrote, for `undo`, `status` and package purge. Stable JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +65,7 @@ impl Manifest {
 pub struct Applied {
     /// The whole file, header and marker included.
     pub text: String,
-    /// Applied with `--force`.
+    /// Applied with `--force` (the marker file exists).
     pub forced: bool,
 }
 
@@ -111,7 +102,7 @@ impl State {
                 .read_to_string(paths::APPLIED)
                 .ok()
                 .map(|text| Applied {
-                    forced: applied_with_force(&text),
+                    forced: root.exists(paths::FORCED),
                     text,
                 }),
         }

@@ -148,8 +148,8 @@ fn setups() -> Vec<(&'static str, Setup)> {
             Box::new(|m: &FakeMachine| m.systemd_boot(Some("root=UUID=0b1c ro quiet  \n"))),
         ),
         (
-            "proxmox-created-cmdline",
-            Box::new(|m: &FakeMachine| m.proxmox(None)),
+            "proxmox-existing-cmdline",
+            Box::new(|m: &FakeMachine| m.proxmox(Some("root=ZFS=rpool/ROOT/pve-1 boot=zfs\n"))),
         ),
         ("none", Box::new(|_: &FakeMachine| {})),
     ]
@@ -444,4 +444,70 @@ fn an_absent_device_still_gets_the_softdeps_of_its_id() {
         !conf.contains("snd_hda_intel") && !conf.contains("nvme"),
         "class-wide drivers are not swept in: {conf}"
     );
+}
+
+#[test]
+fn systemd_boot_without_a_kernel_cmdline_file_is_refused_outside_the_host() {
+    // A chroot or image tree: /proc/cmdline there is not how the target boots, and a
+    // file holding only our tokens would give kernel-install entries without root=.
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.systemd_boot(None);
+    m.config(GPU_AND_NIC);
+    let before = m.tree();
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&m, &out.stderr);
+    assert!(err.contains("cannot write /etc/kernel/cmdline"), "{err}");
+    assert!(err.contains("root="), "{err}");
+    assert_eq!(m.tree(), before, "nothing may be written");
+}
+
+#[test]
+fn on_the_host_a_missing_kernel_cmdline_is_seeded_from_proc_cmdline_and_undo_removes_it() {
+    // What kernel-install itself falls back to; computed as the running system would
+    // (the pure part of apply, with the host facts marked as the running system's).
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.proxmox(None);
+    let root = Root::new(m.root());
+    let c = config::parse(GPU_AND_NIC, Path::new("t")).expect("config");
+    let mut mach = machine::discover(&root);
+    mach.kernels = kmod::read_all(&root, &mach.installed_kernels);
+    let p = plan::plan(&c, &mach, plan::Options::default());
+    let target = apply::Target {
+        forced: false,
+        config: &c,
+        config_text: GPU_AND_NIC,
+        plan: &p,
+    };
+    let mut host = Host::read(&root);
+    host.is_host = true;
+    let ch = apply::compute(Some(&target), &mach, &host).expect("compute");
+    let created = ch
+        .files
+        .iter()
+        .find(|f| f.path == "etc/kernel/cmdline")
+        .expect("cmdline written");
+    assert_eq!(created.old, None);
+    assert_eq!(
+        created.new.as_deref(),
+        Some("root=UUID=x ro quiet intel_iommu=on iommu=pt\n"),
+        "seeded from /proc/cmdline without BOOT_IMAGE="
+    );
+    assert_eq!(ch.manifest.cmdline_before, None);
+
+    // Once written, undo takes the created file away again.
+    apply::commit(&root, &ch, &mut AtomicWriter).expect("commit");
+    let mut host = Host::read(&root);
+    host.is_host = true;
+    let ch = apply::compute(None, &mach, &host).expect("undo");
+    let removed = ch
+        .files
+        .iter()
+        .find(|f| f.path == "etc/kernel/cmdline")
+        .expect("cmdline removed");
+    assert_eq!(removed.new, None);
 }

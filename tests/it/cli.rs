@@ -311,16 +311,37 @@ fn the_early_binder_judges_the_interlocks_it_can_see_again() {
     );
 
     let m = workstation();
-    m.config(&format!(
-        "{}\n{BOTH_DISPLAYS}",
-        vfio_early::state::FORCED_MARKER
-    ));
+    m.config(BOTH_DISPLAYS);
+    m.write("var/lib/vfio-early/forced", vfio_early::state::FORCED_TEXT);
     assert_eq!(m.run(&["bind", "--early"]).status.code(), Some(0));
     assert_eq!(
         m.read("sys/devices/pci0000:00/0000:00:02.0/driver_override"),
         "vfio-pci",
         "apply --force is honoured at boot"
     );
+}
+
+/// The marker line older versions put into the applied config: config text that
+/// carries it (e.g. applied.toml restored as the config) must not force anything.
+const LEGACY_FORCED_LINE: &str =
+    "# Applied with --force: the early binder overrides interlocks at boot too.";
+
+#[test]
+fn no_config_text_can_forge_apply_force() {
+    let m = workstation();
+    m.config(&format!("{LEGACY_FORCED_LINE}\n{BOTH_DISPLAYS}"));
+    assert_eq!(m.run(&["bind", "--early"]).status.code(), Some(0));
+    assert_eq!(
+        m.read("sys/devices/pci0000:00/0000:00:02.0/driver_override"),
+        "(null)\n",
+        "a comment in the config forced the only display away"
+    );
+    // Nor does a plain apply of such a config pass force on to the boot.
+    m.kernel_61();
+    m.grub();
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&m, &out.stderr));
+    assert!(!m.path("var/lib/vfio-early/forced").exists());
 }
 
 #[test]
@@ -333,6 +354,18 @@ fn apply_force_is_recorded_for_the_early_binder() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&m, &out.stderr));
     let out = m.run(&["apply", "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
-    let applied = m.read("var/lib/vfio-early/applied.toml");
-    assert!(vfio_early::state::applied_with_force(&applied), "{applied}");
+    assert_eq!(
+        m.read("var/lib/vfio-early/forced"),
+        vfio_early::state::FORCED_TEXT
+    );
+    let hook = m.run(&["hook-files", "--kernel", "6.1.0-28-amd64"]);
+    assert!(
+        String::from_utf8_lossy(&hook.stdout)
+            .contains("file /var/lib/vfio-early/forced /var/lib/vfio-early/forced"),
+        "the initramfs carries the marker"
+    );
+    // Applied again without --force (and without the display), the marker goes.
+    m.config("[[device]]\nid = \"10de:1b80\"\n");
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    assert!(!m.path("var/lib/vfio-early/forced").exists());
 }
