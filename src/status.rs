@@ -792,7 +792,7 @@ mod checks {
         let c = cfg("[[device]]\nid = \"8086:10d3\"\n");
         let text = "[[device]]\nid = \"8086:10d3\"\n";
         let applied = |t: &str| Applied {
-            text: crate::state::render_applied(t, false),
+            text: crate::state::render_applied(t),
             forced: false,
         };
         let m = crate::machine::Machine::empty_for_tests();
