@@ -295,7 +295,18 @@ pub fn bind_devices(sys: &mut dyn Sysfs, plan: &Plan, log: &mut Log) -> BindRepo
              their drivers and the others are left as they are"
         ));
         for d in in_flight {
-            let back = return_device(sys, log, d.address, d.previous.as_deref());
+            // The same bug may strike again: one device's failure must not stop the rest.
+            let back = panic::catch_unwind(AssertUnwindSafe(|| {
+                return_device(sys, log, d.address, d.previous.as_deref())
+            }))
+            .unwrap_or_else(|p| {
+                let msg = format!(
+                    "could not be returned: internal error ({})",
+                    panic_message(&*p)
+                );
+                log.error(&format!("{}: {msg}", d.address));
+                msg
+            });
             report.set(
                 d.address,
                 d.previous,

@@ -509,6 +509,29 @@ fn vfio_pci_built_in_needs_no_modprobe() {
         .any(|w| w.starts_with("sys/bus/pci/drivers_probe")));
 }
 
+#[test]
+fn a_panic_while_returning_a_device_is_caught_too() {
+    let m = workstation();
+    let p = plan_for(&m, GPU_AND_NIC);
+    let mut k = FakeKernel::new(&m);
+    // vfio-pci refuses the NIC, its probe panics, and so does the probe that would
+    // return it to e1000e.
+    k.vfio_refuses.insert("0000:04:00.0".into());
+    k.panic_on = Some("drivers_probe".into());
+    let mut log = Log::silent();
+    let report = bind_devices(&mut k, &p, &mut log);
+    let story = story(&m, &k, &log);
+    assert!(
+        matches!(outcome_of(&report, "0000:04:00.0"),
+            Outcome::Failed(m) if m.ends_with("could not be returned: internal error (injected \
+                panic on sys/bus/pci/drivers_probe)")),
+        "{story}"
+    );
+    // The override was cleared before the probe, so e1000e takes it at the next probe.
+    assert_eq!(m.read(NIC_OVERRIDE), "(null)\n", "{story}");
+    assert_eq!(m.driver_of("0000:01:00.0").as_deref(), Some("vfio-pci"));
+}
+
 /// An attribute of the fake tree as the kernel would read it. The binary writes sysfs
 /// attributes in place, never truncating (as sysfs wants), so in a plain file a cleared
 /// override (`"\n"`) lands over the `vfio-pci` written before it: the first line is what
