@@ -19,12 +19,10 @@ use crate::root::Root;
 /// Runs the early binder; always returns normally (the caller exits 0).
 pub fn run(root: &Root, cfg_path: &Path) {
     let mut log = Log::kmsg(root);
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        bind_early(root, cfg_path, &mut log)
-    }));
-    if outcome.is_err() {
-        log.error("internal error in the early binder; boot continues without it");
-    }
+    // Catches for real: the release profile unwinds (a build that aborts is refused).
+    bind::run_guarded(&mut log, "the early binder", |log| {
+        bind_early(root, cfg_path, log)
+    });
 }
 
 /// The early binder's steps; every failure is logged and ends the step quietly.
@@ -73,6 +71,7 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
         log.info("the config takes no device on this boot");
         return;
     }
+    bind::inject_fault("before-bind");
     let mut sys = bind::RealSysfs::new(root.clone());
     let report = bind::bind_devices(&mut sys, &plan, log);
     let bound = report

@@ -2,7 +2,9 @@
 //! syslog priority, so they show in `dmesg` and the journal; when `/dev/kmsg` cannot be
 //! opened (tests, containers), they go to standard error instead.
 //!
-//! A log failure never stops the caller: logging is best effort by design.
+//! A log failure never stops the caller: logging is best effort by design. Nothing here
+//! panics on a failed write (no `eprintln!`, which panics when standard error is full or
+//! a closed pipe): a closed console in early boot must not abort a bind halfway.
 
 use std::io::Write;
 
@@ -65,7 +67,8 @@ impl Log {
                 Level::Warning => "warning: ",
                 Level::Info => "",
             };
-            eprintln!("vfio-early: {tag}{msg}");
+            // Ignored on failure (EPIPE, ENOSPC, EBADF): the line is still in `lines`.
+            let _ = std::io::stderr().write_all(format!("vfio-early: {tag}{msg}\n").as_bytes());
         }
         self.lines.push((level, msg.to_string()));
     }

@@ -135,13 +135,19 @@ fn bind_on_a_fake_root_writes_overrides_and_reports_what_it_could_not_do() {
     m.config("[[device]]\nid = \"8086:10d3\"\naddress = \"04:00.0\"\n");
     let out = m.run(&["bind"]);
     let err = text(&m, &out.stderr);
-    // The override and unbind land; no kernel probes in a fake tree, which is reported.
+    // The override and unbind land; no kernel probes in a fake tree, which is reported,
+    // and the override is cleared again (`\n` written in place over `vfio-pci`: the
+    // kernel keeps the first line).
     assert_eq!(
         m.read("sys/devices/pci0000:00/0000:04:00.0/driver_override"),
-        "vfio-pci"
+        "\nfio-pci"
     );
     assert_eq!(m.read("sys/bus/pci/drivers/e1000e/unbind"), "0000:04:00.0");
     assert!(err.contains("would run `modprobe vfio-pci`"), "{err}");
+    assert!(
+        err.contains("0000:04:00.0: driver_override cleared; stays on e1000e"),
+        "{err}"
+    );
     assert_eq!(out.status.code(), Some(1), "{err}");
     // The other identical NIC is untouched.
     assert_eq!(
@@ -305,18 +311,16 @@ fn the_early_binder_judges_the_interlocks_it_can_see_again() {
         "the only display was taken: {}",
         text(&m, &out.stderr)
     );
-    assert_eq!(
-        m.read("sys/devices/pci0000:00/0000:01:00.0/driver_override"),
-        "vfio-pci"
-    );
+    // Taken: unbound from its driver (and returned, as a fake tree has no vfio-pci).
+    assert_eq!(m.read("sys/bus/pci/drivers/nouveau/unbind"), "0000:01:00.0");
 
     let m = workstation();
     m.config(BOTH_DISPLAYS);
     m.write("var/lib/vfio-early/forced", vfio_early::state::FORCED_TEXT);
     assert_eq!(m.run(&["bind", "--early"]).status.code(), Some(0));
     assert_eq!(
-        m.read("sys/devices/pci0000:00/0000:00:02.0/driver_override"),
-        "vfio-pci",
+        m.read("sys/bus/pci/drivers/i915/unbind"),
+        "0000:00:02.0",
         "apply --force is honoured at boot"
     );
 }
