@@ -58,6 +58,8 @@ pub enum Interlock {
     OnlyDisplay,
     /// Live binds need an active IOMMU (vfio-pci's probe fails without one).
     NeedsIommu,
+    /// A live bind of a device in no IOMMU group: vfio-pci cannot take it.
+    NoIommuGroup,
     /// Another function of its slot, taken with it (`whole_slot`), is refused.
     CompanionOfRefused { primary: PciAddress },
 }
@@ -89,6 +91,10 @@ impl fmt::Display for Interlock {
                 "is the boot VGA and the host's only display (the console would go dark)"
             ),
             Interlock::NeedsIommu => write!(f, "needs an active IOMMU"),
+            Interlock::NoIommuGroup => write!(
+                f,
+                "is in no IOMMU group, so vfio-pci cannot take it on this boot"
+            ),
             Interlock::CompanionOfRefused { primary } => write!(
                 f,
                 "goes with {primary} (same slot, whole_slot), which is refused"
@@ -286,6 +292,8 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
         };
         let interlock = if no_iommu {
             Some(Interlock::NeedsIommu)
+        } else if opts.live && device.iommu_group.is_none() {
+            Some(Interlock::NoIommuGroup)
         } else {
             interlock_for(device, machine, &selected).or_else(|| {
                 let primary = sel.companion_of?;
@@ -297,7 +305,8 @@ pub fn plan(config: &Config, machine: &Machine, opts: Options) -> Plan {
         };
         let verdict = match (&interlock, opts.force) {
             (None, _) => Verdict::Take,
-            (Some(Interlock::NeedsIommu), _) => Verdict::Refuse,
+            // No force helps: vfio-pci's probe would fail and leave the device driverless.
+            (Some(Interlock::NeedsIommu | Interlock::NoIommuGroup), _) => Verdict::Refuse,
             (Some(_), true) => Verdict::TakeForced,
             (Some(_), false) => Verdict::Refuse,
         };
@@ -346,6 +355,15 @@ fn interlock_problem(
                 Interlock::CompanionOfRefused { .. } => Severity::Note,
                 _ => Severity::Error,
             };
+            let fix = match why {
+                Interlock::NoIommuGroup => "enable VT-d / AMD-Vi (IOMMU) in the firmware setup, \
+                     run `vfio-early apply` for the kernel arguments and reboot"
+                    .to_string(),
+                _ => format!(
+                    "remove or narrow entry {entry} (e.g. with `address =`), or run \
+                     again with --force if you really mean it"
+                ),
+            };
             Problem::new(
                 ProblemKind::Refused {
                     address,
@@ -353,10 +371,7 @@ fn interlock_problem(
                 },
                 severity,
                 format!("refusing to take {address}: it {why}"),
-                &format!(
-                    "remove or narrow entry {entry} (e.g. with `address =`), or run \
-                     again with --force if you really mean it"
-                ),
+                &fix,
             )
         }
     }
@@ -934,6 +949,7 @@ mod tests {
             Interlock::MayHoldSystem { .. } => "may-hold-system",
             Interlock::OnlyDisplay => "only-display",
             Interlock::NeedsIommu => "needs-iommu",
+            Interlock::NoIommuGroup => "no-iommu-group",
             Interlock::CompanionOfRefused { .. } => "companion",
         }
     }
@@ -1139,6 +1155,21 @@ mod tests {
             setup: |m| m.iommu_units.clear(),
             verdicts: &["03:00.0 REFUSED", "04:00.0 REFUSED"],
             problems: &["no-iommu"],
+        },
+        Case {
+            name: "a live bind refuses a device in no IOMMU group, even forced",
+            config: "[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
+            opts: Options {
+                force: true,
+                live: true,
+            },
+            setup: |m| {
+                if let Some(d) = m.devices.iter_mut().find(|d| d.address.to_string() == "0000:03:00.0") {
+                    d.iommu_group = None;
+                }
+            },
+            verdicts: &["03:00.0 REFUSED"],
+            problems: &["refused 03:00.0 no-iommu-group"],
         },
         Case {
             name: "a live bind with an IOMMU takes",

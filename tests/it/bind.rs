@@ -554,7 +554,7 @@ fn live_bind_refuses_a_device_without_iommu_group_before_touching_it() {
     let err = text(&m, &out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("vfio-early: error: 0000:04:00.0: it has no IOMMU group"),
+        err.contains("refusing to take 0000:04:00.0: it is in no IOMMU group"),
         "{err}"
     );
     assert_eq!(m.read(E1000E_UNBIND), "", "unbound anyway: {err}");
