@@ -16,6 +16,19 @@ use crate::paths;
 use crate::plan;
 use crate::root::Root;
 
+/// More than any kernel's command line (COMMAND_LINE_SIZE is at most 4 KiB on x86).
+const CMDLINE_MAX: u64 = 64 * 1024;
+
+/// Whether the kernel command line turns the early binder off: `vfio_early=off` (or
+/// `vfio-early=off`, or either quoted). Read as bytes: a command line that is not UTF-8
+/// still has its kill switch.
+pub fn kill_switch(cmdline: &[u8]) -> bool {
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .map(|t| t.iter().copied().filter(|b| *b != b'"').collect::<Vec<u8>>())
+        .any(|t| t == b"vfio_early=off" || t == b"vfio-early=off")
+}
+
 /// Runs the early binder; always returns normally (the caller exits 0).
 pub fn run(root: &Root, cfg_path: &Path) {
     let mut log = Log::kmsg(root);
@@ -27,11 +40,10 @@ pub fn run(root: &Root, cfg_path: &Path) {
 
 /// The early binder's steps; every failure is logged and ends the step quietly.
 pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
-    let cmdline = root.read_attr(paths::PROC_CMDLINE).unwrap_or_default();
-    if cmdline
-        .split_whitespace()
-        .any(|t| t == "vfio_early=off" || t == "vfio-early=off")
-    {
+    let cmdline = root
+        .read_bytes(paths::PROC_CMDLINE, CMDLINE_MAX)
+        .unwrap_or_default();
+    if kill_switch(&cmdline) {
         log.warn("disabled by vfio_early=off on the kernel command line; nothing done");
         return;
     }
@@ -83,4 +95,20 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
         "done: {bound} of {} device(s) on vfio-pci",
         report.devices.len()
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kill_switch;
+
+    #[test]
+    fn the_kill_switch_is_found_in_any_bytes() {
+        assert!(kill_switch(b"root=/dev/vda ro vfio_early=off quiet"));
+        assert!(kill_switch(b"vfio-early=off"));
+        assert!(kill_switch(b"a=\xff\xfe \"vfio_early=off\"\n"));
+        assert!(kill_switch(b"x=\x80\tvfio_early=off"));
+        assert!(!kill_switch(b"vfio_early=on"));
+        assert!(!kill_switch(b"novfio_early=off"));
+        assert!(!kill_switch(b""));
+    }
 }

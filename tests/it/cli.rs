@@ -171,6 +171,29 @@ fn early_bind_honours_the_kill_switch() {
 }
 
 #[test]
+fn the_kill_switch_holds_on_a_command_line_that_is_not_utf8() {
+    let m = workstation();
+    m.config("[[device]]\nid = \"8086:10d3\"\naddress = \"04:00.0\"\n");
+    std::fs::write(
+        m.path("proc/cmdline"),
+        b"BOOT_IMAGE=/vmlinuz root=UUID=x ro label=\xff\xfe vfio_early=off quiet\n",
+    )
+    .expect("write");
+    let out = m.run(&["bind", "--early"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&m, &out.stderr).contains("disabled by vfio_early=off"),
+        "{}",
+        text(&m, &out.stderr)
+    );
+    assert_eq!(m.read("sys/bus/pci/drivers/e1000e/unbind"), "");
+    assert_eq!(
+        m.read("sys/devices/pci0000:00/0000:04:00.0/driver_override"),
+        "(null)\n"
+    );
+}
+
+#[test]
 fn early_bind_logs_to_kmsg_and_exits_zero_on_a_bad_config() {
     let m = workstation();
     m.write("dev/kmsg", "");
