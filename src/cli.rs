@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::context::{self, ConfigNeed, Context, PlanMode};
 use crate::outcome::Outcome;
 use crate::root::Root;
-use crate::{apply, bind, check, dump, early, initramfs, list, rom, status};
+use crate::{apply, bind, check, dump, early, initramfs, list, lock, rom, status};
 
 const AFTER_HELP: &str = "\
 Typical use:
@@ -86,6 +86,9 @@ pub enum Cmd {
         /// left files (used by the package's postinst).
         #[arg(long)]
         if_configured: bool,
+        /// How long to wait for another apply or undo on the same root to finish.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
     },
     /// Remove every file apply wrote, take its tokens out of /etc/kernel/cmdline,
     /// and regenerate: the system returns to how it was before apply.
@@ -93,6 +96,9 @@ pub enum Cmd {
         /// Show the diff and the commands, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for another apply or undo on the same root to finish.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
     },
     /// For the initramfs hooks: the files to copy and the modules to add for a
     /// kernel, one per line; nothing when no device is configured.
@@ -201,6 +207,10 @@ fn load(
     })
 }
 
+fn secs(s: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(s)
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
     use ConfigNeed::{MissingIsEmpty, Required};
@@ -229,7 +239,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             dry_run,
             force,
             if_configured,
+            wait,
         } => {
+            // Held while reading, deciding and writing: one apply at a time.
+            let _lock = match dry_run {
+                true => None,
+                false => Some(lock::acquire(&root, "apply", secs(*wait))?),
+            };
             let mode = PlanMode::Apply { force: *force };
             match ctx(Required, mode, Some("nothing was written")) {
                 Ok(c) => apply::apply(
@@ -243,7 +259,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
                 Err(o) => o,
             }
         }
-        Cmd::Undo { dry_run } => apply::undo(&root, *dry_run)?,
+        Cmd::Undo { dry_run, wait } => {
+            let _lock = match dry_run {
+                true => None,
+                false => Some(lock::acquire(&root, "undo", secs(*wait))?),
+            };
+            apply::undo(&root, *dry_run)?
+        }
         Cmd::Status { json } => match ctx(MissingIsEmpty, PlanMode::AsAppliedAtBoot, None) {
             Ok(c) => status::run(&c, *json)?,
             Err(o) => o,

@@ -25,7 +25,12 @@ const CMDLINE_MAX: u64 = 64 * 1024;
 pub fn kill_switch(cmdline: &[u8]) -> bool {
     cmdline
         .split(|b| b.is_ascii_whitespace())
-        .map(|t| t.iter().copied().filter(|b| *b != b'"').collect::<Vec<u8>>())
+        .map(|t| {
+            t.iter()
+                .copied()
+                .filter(|b| *b != b'"')
+                .collect::<Vec<u8>>()
+        })
         .any(|t| t == b"vfio_early=off" || t == b"vfio-early=off")
 }
 

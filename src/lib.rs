@@ -21,6 +21,7 @@ pub mod kargs;
 pub mod kmod;
 pub mod kmsg;
 pub mod list;
+pub mod lock;
 pub mod machine;
 pub mod modprobe;
 pub mod outcome;

@@ -18,6 +18,7 @@ pub const PROC_MOUNTS: &str = "proc/mounts";
 pub const PROC_OSRELEASE: &str = "proc/sys/kernel/osrelease";
 pub const PROC_IOMEM: &str = "proc/iomem";
 pub const PROC_MODULES: &str = "proc/modules";
+pub const PROC_LOCKS: &str = "proc/locks";
 pub const PROC_SWAPS: &str = "proc/swaps";
 pub const SYS_FS_BTRFS: &str = "sys/fs/btrfs";
 pub const SYS_CLASS_NET: &str = "sys/class/net";
@@ -91,6 +92,7 @@ pub const ALL: &[&str] = &[
     PROC_OSRELEASE,
     PROC_IOMEM,
     PROC_MODULES,
+    PROC_LOCKS,
     PROC_SWAPS,
     SYS_FS_BTRFS,
     SYS_CLASS_NET,

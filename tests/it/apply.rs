@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::Path;
+use std::time::Duration;
 
 use vfio_early::apply::{self, AtomicWriter, Writer};
 use vfio_early::host::Host;
@@ -510,4 +511,94 @@ fn on_the_host_a_missing_kernel_cmdline_is_seeded_from_proc_cmdline_and_undo_rem
         .find(|f| f.path == "etc/kernel/cmdline")
         .expect("cmdline removed");
     assert_eq!(removed.new, None);
+}
+
+#[test]
+fn a_second_apply_waits_for_the_first_then_names_it() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    let held = vfio_early::lock::acquire(&Root::new(m.root()), "apply", Duration::from_secs(1))
+        .expect("lock");
+    let before = m.tree();
+    let start = std::time::Instant::now();
+    let out = m.run(&["apply", "--wait", "1"]);
+    let err = text(&m, &out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(start.elapsed() >= Duration::from_secs(1), "did not wait");
+    assert!(err.contains("another vfio-early is changing"), "{err}");
+    assert!(err.contains("nothing was written"), "{err}");
+    assert_eq!(m.tree(), before);
+    let out = m.run(&["undo", "--wait", "0"]);
+    assert_eq!(out.status.code(), Some(1), "undo is locked out too");
+    // A dry run only reads: it does not wait.
+    assert_eq!(m.run(&["apply", "--dry-run"]).status.code(), Some(0));
+    drop(held);
+    assert_eq!(m.run(&["apply", "--wait", "1"]).status.code(), Some(0));
+}
+
+#[test]
+fn concurrent_applies_leave_the_files_of_one_config() {
+    const NIC_ONLY: &str = "[[device]]\nid = \"8086:10d3\"\naddress = \"0000:03:00.0\"\n";
+    for round in 0..6 {
+        let m = workstation();
+        m.initramfs_tools();
+        m.kernel_61();
+        m.systemd_boot(Some("root=UUID=0b1c ro\n"));
+        m.grub();
+        m.write("a.toml", GPU_AND_NIC);
+        m.write("b.toml", NIC_ONLY);
+        let spawn = |cfg: &str| {
+            std::process::Command::new(crate::fake::bin())
+                .arg("--root")
+                .arg(m.root())
+                .arg("--config")
+                .arg(m.path(cfg))
+                .arg("apply")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        let (a, b) = (spawn("a.toml"), spawn("b.toml"));
+        let (a, b) = (
+            a.wait_with_output().expect("a"),
+            b.wait_with_output().expect("b"),
+        );
+        assert_eq!(
+            (a.status.code(), b.status.code()),
+            (Some(0), Some(0)),
+            "round {round}"
+        );
+        // Whichever ran last, every owned file is that config's, as a lone apply makes.
+        let now = m.tree();
+        let matches = |cfg: &str| {
+            let twin = workstation();
+            twin.initramfs_tools();
+            twin.kernel_61();
+            twin.systemd_boot(Some("root=UUID=0b1c ro\n"));
+            twin.grub();
+            twin.config(cfg);
+            assert_eq!(twin.run(&["apply"]).status.code(), Some(0));
+            let t = twin.tree();
+            OWNED
+                .iter()
+                .filter(|f| !f.ends_with("manifest.json"))
+                .all(|f| {
+                    let mine = now
+                        .get(*f)
+                        .map(|c| c.replace(&m.root().display().to_string(), ""));
+                    let theirs = t
+                        .get(*f)
+                        .map(|c| c.replace(&twin.root().display().to_string(), ""));
+                    mine == theirs
+                })
+        };
+        assert!(
+            matches(GPU_AND_NIC) || matches(NIC_ONLY),
+            "round {round}: the owned files match neither config"
+        );
+    }
 }
