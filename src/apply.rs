@@ -58,8 +58,10 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Nothing to write or run. A manifest that no longer says what is owned (an
+    /// interrupted undo left it) is a change too, so recovery always converges.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.commands.is_empty()
+        self.files.is_empty() && self.commands.is_empty() && self.manifest == self.old_manifest
     }
 }
 
@@ -312,6 +314,22 @@ fn initramfs_command(generator: Generator) -> Vec<String> {
 
 /// Writes the changes: intent manifest, files, final manifest. Runs no command.
 pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<()> {
+    commit_reporting(root, ch, w, &mut |_| Ok(()))
+}
+
+/// [`commit`], calling `done` after each file is in place (to say so only then).
+pub fn commit_reporting(
+    root: &Root,
+    ch: &Changes,
+    w: &mut dyn Writer,
+    done: &mut dyn FnMut(&FileChange) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // Leftovers of a crash (temporary files beside the owned ones) go first.
+    for c in &ch.files {
+        if let Some(dir) = Path::new(&c.path).parent() {
+            let _ = root.clean_leftovers(dir);
+        }
+    }
     let old = &ch.old_manifest;
     // 1. Intent: the union of old and new, so undo finds every file whatever happens.
     let mut intent = ch.manifest.clone();
@@ -345,6 +363,7 @@ pub fn commit(root: &Root, ch: &Changes, w: &mut dyn Writer) -> anyhow::Result<(
                 root.path(&c.path).display()
             )
         })?;
+        done(c)?;
     }
     // 3. The final manifest, or none at all once nothing is owned.
     store_manifest(root, &ch.manifest, w)
@@ -367,15 +386,14 @@ fn store_manifest(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Resu
 
 /// Runs the regeneration commands on the host, streaming their output; with another
 /// root, only says what it would run. Clears `pending` in the manifest on success.
-pub fn run_commands(root: &Root, ch: &Changes, out: &mut dyn io::Write) -> anyhow::Result<()> {
+pub fn run_commands(root: &Root, ch: &Changes) -> anyhow::Result<()> {
     if ch.commands.is_empty() {
         return Ok(());
     }
     if !root.is_host() {
         for c in &ch.commands {
-            writeln!(
-                out,
-                "would run: {}   (the root is {}, not the host)",
+            crate::out!(
+                "would run: {}   (the root is {}, not the host)\n",
                 c.join(" "),
                 root.dir().display()
             )?;
@@ -386,8 +404,7 @@ pub fn run_commands(root: &Root, ch: &Changes, out: &mut dyn io::Write) -> anyho
         let Some((prog, args)) = c.split_first() else {
             continue;
         };
-        writeln!(out, "running: {}   (this can take a minute)", c.join(" "))?;
-        out.flush()?;
+        crate::out!("running: {}   (this can take a minute)\n", c.join(" "))?;
         let ran = crate::command::run(
             Command::new(prog).args(args),
             Duration::from_secs(1800),
@@ -420,12 +437,12 @@ pub struct Options {
 /// `vfio-early apply`: the plan must pass its interlocks; then converge.
 pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
     if opts.if_configured && ctx.config.devices.is_empty() && ctx.host.state.manifest()?.is_none() {
-        println!("no device configured and nothing applied before: nothing to do");
+        crate::out!("no device configured and nothing applied before: nothing to do\n")?;
         return Ok(Outcome::Ok);
     }
-    eprint!("{}", crate::list::render_problems(&ctx.plan.problems));
+    crate::outcome::eprint(&crate::list::render_problems(&ctx.plan.problems));
     if ctx.plan.has_errors() {
-        eprintln!("vfio-early: nothing was written");
+        crate::errln!("vfio-early: nothing was written");
         return Ok(Outcome::Failed);
     }
     let target = Target {
@@ -451,7 +468,8 @@ pub fn undo(root: &Root, dry_run: bool) -> anyhow::Result<Outcome> {
     converge(root, None, &machine, &host, dry_run)
 }
 
-/// Shared by apply and undo: compute, show, write, regenerate.
+/// Shared by apply and undo: compute, show, write, regenerate. Each file is reported
+/// once it is written or removed, never before.
 fn converge(
     root: &Root,
     target: Option<&Target>,
@@ -460,27 +478,29 @@ fn converge(
     dry_run: bool,
 ) -> anyhow::Result<Outcome> {
     let ch = compute(target, machine, host)?;
-    print!("{}", render_summary(&ch, dry_run));
     if dry_run {
-        print!("{}", render_diff(&ch));
+        crate::out!("{}", render_summary(&ch, true))?;
+        crate::out!("{}", render_diff(&ch))?;
         return Ok(Outcome::Ok);
     }
+    crate::out!("{}", render_header(&ch))?;
     if ch.is_empty() {
+        crate::out!("{NOTHING_CHANGED}")?;
         return Ok(Outcome::Ok);
     }
-    commit(root, &ch, &mut AtomicWriter)?;
-    run_commands(root, &ch, &mut std::io::stdout())?;
+    commit_reporting(root, &ch, &mut AtomicWriter, &mut |c| {
+        crate::out!("{} /{}\n", file_verb(c, false), c.path).map_err(Into::into)
+    })?;
+    run_commands(root, &ch)?;
     Ok(Outcome::Ok)
 }
 
 /// `vfio-early hook-files --kernel V`, for the initramfs hooks.
-pub fn hook_files(root: &Root, version: &str) -> Outcome {
+pub fn hook_files(root: &Root, version: &str) -> anyhow::Result<Outcome> {
     let host = Host::read(root);
-    print!(
-        "{}",
-        render_hook_files(&host, &KernelModules::read(root, version))
-    );
-    Outcome::Ok
+    let km = KernelModules::read(root, version);
+    crate::out!("{}", render_hook_files(&host, &km))?;
+    Ok(Outcome::Ok)
 }
 
 /// A unified diff of every file change, for `--dry-run`.
@@ -507,6 +527,26 @@ pub fn render_diff(ch: &Changes) -> String {
 
 /// The summary printed by apply and undo.
 pub fn render_summary(ch: &Changes, dry_run: bool) -> String {
+    let mut out = render_header(ch);
+    if ch.is_empty() {
+        out.push_str(NOTHING_CHANGED);
+        return out;
+    }
+    for c in &ch.files {
+        let _ = writeln!(out, "{} /{}", file_verb(c, dry_run), c.path);
+    }
+    if dry_run {
+        for c in &ch.commands {
+            let _ = writeln!(out, "would run: {}", c.join(" "));
+        }
+    }
+    out
+}
+
+const NOTHING_CHANGED: &str = "nothing changed: every file already matches; nothing rebuilt\n";
+
+/// What apply decided, before any file line: bootloader, arguments, modules, softdeps.
+fn render_header(ch: &Changes) -> String {
     let mut out = String::new();
     if let Some(b) = ch.bootloader {
         let _ = writeln!(out, "bootloader: {}", b.name());
@@ -531,27 +571,18 @@ pub fn render_summary(ch: &Changes, dry_run: bool) -> String {
             ch.manual_tokens.join(" ")
         );
     }
-    if ch.is_empty() {
-        out.push_str("nothing changed: every file already matches; nothing rebuilt\n");
-        return out;
-    }
-    let verb = |c: &FileChange| match (&c.old, &c.new, dry_run) {
+    out
+}
+
+fn file_verb(c: &FileChange, dry_run: bool) -> &'static str {
+    match (&c.old, &c.new, dry_run) {
         (None, Some(_), false) => "wrote",
         (None, Some(_), true) => "would write",
         (Some(_), Some(_), false) => "updated",
         (Some(_), Some(_), true) => "would update",
         (_, None, false) => "removed",
         (_, None, true) => "would remove",
-    };
-    for c in &ch.files {
-        let _ = writeln!(out, "{} /{}", verb(c), c.path);
     }
-    if dry_run {
-        for c in &ch.commands {
-            let _ = writeln!(out, "would run: {}", c.join(" "));
-        }
-    }
-    out
 }
 
 /// The lines the initramfs hooks read: files to copy and modules to add for the

@@ -467,16 +467,16 @@ fn return_device(
 pub fn run_live(ctx: &crate::context::Context) -> crate::outcome::Outcome {
     use crate::outcome::Outcome;
     let problems = crate::list::render_problems(&ctx.plan.problems);
-    eprint!("{problems}");
+    crate::outcome::eprint(&problems);
     if ctx.plan.has_errors() {
-        eprintln!("vfio-early: nothing was changed");
+        crate::errln!("vfio-early: nothing was changed");
         return Outcome::Failed;
     }
     let mut log = Log::stderr();
     let mut sys = RealSysfs::new(ctx.root.clone());
     let report = bind_devices(&mut sys, &ctx.plan, &mut log);
     if report.devices.is_empty() {
-        eprintln!("vfio-early: the config takes no device on this machine");
+        crate::errln!("vfio-early: the config takes no device on this machine");
     }
     Outcome::failed_if(report.failed())
 }

@@ -11,9 +11,9 @@ use crate::outcome::Outcome;
 use crate::plan::Plan;
 
 /// `vfio-early check`: exit 1 when the plan has errors.
-pub fn run(ctx: &Context) -> Outcome {
-    print!("{}", render(&ctx.config_path, &ctx.config, &ctx.plan));
-    Outcome::failed_if(ctx.plan.has_errors())
+pub fn run(ctx: &Context) -> anyhow::Result<Outcome> {
+    crate::out!("{}", render(&ctx.config_path, &ctx.config, &ctx.plan))?;
+    Ok(Outcome::failed_if(ctx.plan.has_errors()))
 }
 
 pub fn render(path: &Path, config: &Config, plan: &Plan) -> String {

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::context::{self, ConfigNeed, Context, PlanMode};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, StdoutError};
 use crate::root::Root;
 use crate::{apply, bind, check, dump, early, initramfs, list, lock, rom, status};
 
@@ -183,8 +183,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(outcome) => outcome.into(),
+        // The reader went away (`| head`): stop quietly, as coreutils do.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<StdoutError>()
+                    .is_some_and(StdoutError::is_broken_pipe)
+            }) =>
+        {
+            ExitCode::from(1)
+        }
         Err(e) => {
-            eprintln!("vfio-early: error: {e:#}");
+            crate::errln!("vfio-early: error: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -199,9 +208,9 @@ fn load(
     after: Option<&str>,
 ) -> Result<Context, Outcome> {
     Context::load(&cli.root, cli.config.as_deref(), need, mode).map_err(|e| {
-        eprintln!("vfio-early: error: {e}");
+        crate::errln!("vfio-early: error: {e}");
         if let Some(line) = after {
-            eprintln!("vfio-early: {line}");
+            crate::errln!("vfio-early: {line}");
         }
         Outcome::Usage
     })
@@ -218,11 +227,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
     let ctx = |need, mode, after| load(cli, need, mode, after);
     Ok(match &cli.cmd {
         Cmd::List { json } => match ctx(MissingIsEmpty, PlanMode::Report, None) {
-            Ok(c) => list::run(&c, *json),
+            Ok(c) => list::run(&c, *json)?,
             Err(o) => o,
         },
         Cmd::Check => match ctx(Required, PlanMode::Report, None) {
-            Ok(c) => check::run(&c),
+            Ok(c) => check::run(&c)?,
             Err(o) => o,
         },
         Cmd::Bind { early: true, .. } => {
@@ -271,11 +280,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             Err(o) => o,
         },
         Cmd::Rom(RomCmd::Dump { address, output }) => rom::dump(&root, *address, output)?,
-        Cmd::HookFiles { kernel } => apply::hook_files(&root, kernel),
-        Cmd::Initramfs(InitramfsCmd::Examine { image }) => initramfs::examine_cmd(image),
+        Cmd::HookFiles { kernel } => apply::hook_files(&root, kernel)?,
+        Cmd::Initramfs(InitramfsCmd::Examine { image }) => initramfs::examine_cmd(image)?,
         Cmd::Initramfs(InitramfsCmd::List { image }) => initramfs::list_cmd(image),
         Cmd::Initramfs(InitramfsCmd::Verify { image, kernel }) => {
-            initramfs::verify_cmd(&root, image, kernel.as_deref())
+            initramfs::verify_cmd(&root, image, kernel.as_deref())?
         }
         Cmd::DebugDump { output } => {
             let cfg = context::config_path(&root, cli.config.as_deref());

@@ -167,7 +167,7 @@ fn collect(root: &Root, config: &Path) -> Collection {
 /// `vfio-early debug-dump -o FILE`.
 pub fn run(root: &Root, config: &Path, output: &Path) -> anyhow::Result<crate::outcome::Outcome> {
     let count = write_dump(root, config, output)?;
-    eprintln!(
+    crate::errln!(
         "vfio-early: wrote {} ({count} entries); attach it to your bug report",
         output.display()
     );

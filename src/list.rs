@@ -40,13 +40,13 @@ pub struct ListReport<'a> {
 }
 
 /// `vfio-early list [--json]`.
-pub fn run(ctx: &Context, json: bool) -> Outcome {
+pub fn run(ctx: &Context, json: bool) -> anyhow::Result<Outcome> {
     if json {
-        println!("{}", render_json(&ctx.machine, &ctx.plan));
+        crate::out!("{}\n", render_json(&ctx.machine, &ctx.plan))?;
     } else {
-        print!("{}", render_table(&ctx.machine, &ctx.plan));
+        crate::out!("{}", render_table(&ctx.machine, &ctx.plan))?;
     }
-    Outcome::Ok
+    Ok(Outcome::Ok)
 }
 
 pub fn rows(machine: &Machine, plan: &Plan) -> Vec<Row> {

@@ -46,7 +46,7 @@ pub fn acquire(root: &Root, what: &str, wait: Duration) -> anyhow::Result<Lock> 
             );
         }
         if !said {
-            eprintln!(
+            crate::errln!(
                 "vfio-early: waiting for another vfio-early ({holder}) to finish with {}",
                 root.dir().display()
             );

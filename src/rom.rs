@@ -104,14 +104,14 @@ pub fn dump(root: &Root, address: PciAddress, output: &Path) -> anyhow::Result<O
     let data = match read_rom(&mut sys, address) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("vfio-early: error: {e}");
+            crate::errln!("vfio-early: error: {e}");
             return Ok(Outcome::Failed);
         }
     };
     let info = match parse_rom(&data) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!(
+            crate::errln!(
                 "vfio-early: error: the ROM of {address} is not usable: {e}; nothing written"
             );
             return Ok(Outcome::Failed);
@@ -126,7 +126,7 @@ pub fn dump(root: &Root, address: PciAddress, output: &Path) -> anyhow::Result<O
         .ok_or_else(|| anyhow::anyhow!("{} has no file name", output.display()))?;
     Root::new(dir).write_atomic(name, &data)?;
     let expected = crate::pci::read_device(root, address).id;
-    print!("{}", render(address, expected, &info, output));
+    crate::out!("{}", render(address, expected, &info, output))?;
     Ok(Outcome::Ok)
 }
 

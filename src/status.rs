@@ -581,9 +581,9 @@ pub fn run(ctx: &Context, json: bool) -> anyhow::Result<Outcome> {
         runtime: &runtime,
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::out!("{}\n", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{}", render_table(&report));
+        crate::out!("{}", render_table(&report))?;
     }
     Ok(Outcome::failed_if(report.verdict == Verdict::Fail))
 }

@@ -30,19 +30,19 @@ use crate::root::Root;
 
 /// A command's failure on an image: unreadable or malformed is exit 2.
 fn fail(image: &std::path::Path, e: &dyn fmt::Display) -> Outcome {
-    eprintln!("vfio-early: error: {}: {e}", image.display());
+    crate::errln!("vfio-early: error: {}: {e}", image.display());
     Outcome::Usage
 }
 
 /// `vfio-early initramfs examine IMAGE`.
-pub fn examine_cmd(image: &std::path::Path) -> Outcome {
-    match examine::examine_image(image) {
+pub fn examine_cmd(image: &std::path::Path) -> anyhow::Result<Outcome> {
+    Ok(match examine::examine_image(image) {
         Ok(segments) => {
-            print!("{}", examine::render_table(&segments));
+            crate::out!("{}", examine::render_table(&segments))?;
             Outcome::Ok
         }
         Err(e) => fail(image, &e),
-    }
+    })
 }
 
 /// `vfio-early initramfs list IMAGE`: a closed pipe (`| head`) ends it quietly.
@@ -55,16 +55,20 @@ pub fn list_cmd(image: &std::path::Path) -> Outcome {
 }
 
 /// `vfio-early initramfs verify IMAGE [--kernel V]`: exit 1 when something is missing.
-pub fn verify_cmd(root: &Root, image: &std::path::Path, kernel: Option<&str>) -> Outcome {
+pub fn verify_cmd(
+    root: &Root,
+    image: &std::path::Path,
+    kernel: Option<&str>,
+) -> anyhow::Result<Outcome> {
     // The drop-in is expected exactly when this system has one.
     let want_modprobe = root.exists(crate::paths::MODPROBE);
-    match verify::verify_image(image, kernel, want_modprobe) {
+    Ok(match verify::verify_image(image, kernel, want_modprobe) {
         Ok(v) => {
-            print!("{}", verify::render(&v));
+            crate::out!("{}", verify::render(&v))?;
             Outcome::failed_if(!v.complete())
         }
         Err(e) => fail(image, &e),
-    }
+    })
 }
 
 /// Where in an image something went wrong: the segment's offset in the file, its

@@ -602,3 +602,93 @@ fn concurrent_applies_leave_the_files_of_one_config() {
         );
     }
 }
+
+#[test]
+fn an_interrupted_undo_is_finished_by_the_next_one() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    let before = m.tree();
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    // An undo that removed the files and then stopped: the manifest still names them.
+    for f in OWNED.iter().filter(|f| !f.ends_with("manifest.json")) {
+        let _ = std::fs::remove_file(m.path(f));
+    }
+    assert!(m.path("var/lib/vfio-early/manifest.json").exists());
+    let out = m.run(&["undo"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    assert_eq!(
+        m.tree(),
+        before,
+        "the stale manifest and its directories stay"
+    );
+}
+
+#[test]
+fn undo_says_removed_only_for_what_it_removed() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let root = Root::new(m.root());
+    let mach = machine::discover(&root);
+    let ch = apply::compute(None, &mach, &Host::read(&root)).expect("undo");
+    assert!(ch.files.len() >= 3, "{:?}", ch.files);
+    // The second removal fails (after the intent manifest's write, the first call).
+    let mut said = Vec::new();
+    let r = apply::commit_reporting(&root, &ch, &mut FailAt { n: 3, calls: 0 }, &mut |c| {
+        said.push(c.path.clone());
+        Ok(())
+    });
+    assert!(r.is_err());
+    assert_eq!(
+        said,
+        [ch.files[0].path.clone()],
+        "reported before it was done"
+    );
+    assert!(!m.path(&ch.files[0].path).exists());
+    assert!(m.path(&ch.files[1].path).exists());
+}
+
+#[test]
+fn printing_fails_cleanly_on_a_full_disk_a_closed_stdout_and_a_broken_pipe() {
+    let m = workstation();
+    m.config(GPU_AND_NIC);
+    let root = m.root().display().to_string();
+    let bin = crate::fake::bin().display().to_string();
+    // (A closed stdout is reopened on /dev/null by the Rust runtime before main: its
+    // output is discarded as with `>/dev/null`.)
+    for (redirect, want) in [(">/dev/full", "No space left on device")] {
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("exec \"$0\" --root \"$1\" list {redirect}"),
+                &bin,
+                &root,
+            ])
+            .output()
+            .expect("sh");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{redirect}: {err}");
+        assert!(
+            err.contains("writing to standard output") && err.contains(want),
+            "{redirect}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{redirect}: {err}");
+    }
+    // A reader that goes away: a quiet exit, no panic, no message.
+    let mut child = std::process::Command::new(&bin)
+        .args(["--root", &root, "list", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
