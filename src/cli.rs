@@ -282,7 +282,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Cmd::Rom(RomCmd::Dump { address, output }) => rom::dump(&root, *address, output)?,
         Cmd::HookFiles { kernel } => apply::hook_files(&root, kernel)?,
         Cmd::Initramfs(InitramfsCmd::Examine { image }) => initramfs::examine_cmd(image)?,
-        Cmd::Initramfs(InitramfsCmd::List { image }) => initramfs::list_cmd(image),
+        Cmd::Initramfs(InitramfsCmd::List { image }) => initramfs::list_cmd(image)?,
         Cmd::Initramfs(InitramfsCmd::Verify { image, kernel }) => {
             initramfs::verify_cmd(&root, image, kernel.as_deref())?
         }

@@ -46,11 +46,13 @@ pub fn examine_cmd(image: &std::path::Path) -> anyhow::Result<Outcome> {
 }
 
 /// `vfio-early initramfs list IMAGE`: a closed pipe (`| head`) ends it quietly.
-pub fn list_cmd(image: &std::path::Path) -> Outcome {
+pub fn list_cmd(image: &std::path::Path) -> anyhow::Result<Outcome> {
     match list::list_image(image, io::stdout().lock()) {
-        Ok(()) => Outcome::Ok,
-        Err(e) if list::is_broken_pipe(&e) => Outcome::Ok,
-        Err(e) => fail(image, &e),
+        Ok(()) => Ok(Outcome::Ok),
+        Err(e) if list::is_broken_pipe(&e) => Ok(Outcome::Ok),
+        // Writing failed (a full disk), not reading.
+        Err(InitramfsError::Output(e)) => Err(crate::outcome::StdoutError(e).into()),
+        Err(e) => Ok(fail(image, &e)),
     }
 }
 

@@ -182,16 +182,57 @@ impl<R: Read> BufRead for Input<R> {
     }
 }
 
-/// Walks the image file at `path`; see [`walk`].
+/// Walks the image file at `path`; see [`walk`]. Only a regular file is read: a device
+/// node (`/dev/zero` reads as endless padding), a FIFO (opening it waits for a writer)
+/// or a directory is refused before it is opened, and again once open.
 pub fn walk_file(
     path: &Path,
     visit: impl FnMut(&Entry<'_>) -> io::Result<()>,
 ) -> Result<Vec<Segment>, InitramfsError> {
-    let file = File::open(path).map_err(|source| InitramfsError::Open {
+    walk(open_image(path)?, visit)
+}
+
+/// Opens an image file; anything but a regular file is refused (see [`walk_file`]).
+pub fn open_image(path: &Path) -> Result<File, InitramfsError> {
+    let open_err = |source| InitramfsError::Open {
         path: path.to_path_buf(),
         source,
-    })?;
-    walk(file, visit)
+    };
+    let regular = |meta: std::fs::Metadata| {
+        if meta.is_file() {
+            Ok(())
+        } else {
+            Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "not a regular file (it is {}); give the image file itself",
+                    file_kind(&meta)
+                ),
+            )))
+        }
+    };
+    regular(std::fs::metadata(path).map_err(open_err)?)?;
+    let file = File::open(path).map_err(open_err)?;
+    regular(file.metadata().map_err(open_err)?)?;
+    Ok(file)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a plain file"
+    }
 }
 
 /// Walks every segment of an image, calling `visit` for each entry (trailers excluded)

@@ -76,11 +76,7 @@ pub fn verify_image(
     kernel: Option<&str>,
     want_modprobe: bool,
 ) -> Result<Verification, InitramfsError> {
-    let file = std::fs::File::open(path).map_err(|source| InitramfsError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    verify_reader(file, kernel, want_modprobe)
+    verify_reader(super::stream::open_image(path)?, kernel, want_modprobe)
 }
 
 /// [`verify_image`] on an open image (for callers that open it through a `Root`).

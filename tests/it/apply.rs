@@ -662,23 +662,34 @@ fn printing_fails_cleanly_on_a_full_disk_a_closed_stdout_and_a_broken_pipe() {
     let bin = crate::fake::bin().display().to_string();
     // (A closed stdout is reopened on /dev/null by the Rust runtime before main: its
     // output is discarded as with `>/dev/null`.)
-    for (redirect, want) in [(">/dev/full", "No space left on device")] {
+    let image = m.path("initrd.img");
+    std::fs::write(
+        &image,
+        vfio_early::initramfs::testimg::debian_like(
+            "6.1.0-28-amd64",
+            vfio_early::initramfs::testimg::zstd,
+        ),
+    )
+    .expect("image");
+    let image = image.display().to_string();
+    for cmd in ["list", "check", "status --json", "initramfs list \"$2\""] {
         let out = std::process::Command::new("sh")
             .args([
                 "-c",
-                &format!("exec \"$0\" --root \"$1\" list {redirect}"),
+                &format!("exec \"$0\" --root \"$1\" {cmd} >/dev/full"),
                 &bin,
                 &root,
+                &image,
             ])
             .output()
             .expect("sh");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{redirect}: {err}");
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
         assert!(
-            err.contains("writing to standard output") && err.contains(want),
-            "{redirect}: {err}"
+            err.contains("writing to standard output") && err.contains("No space left on device"),
+            "{cmd}: {err}"
         );
-        assert!(!err.contains("panicked"), "{redirect}: {err}");
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
     }
     // A reader that goes away: a quiet exit, no panic, no message.
     let mut child = std::process::Command::new(&bin)

@@ -252,3 +252,64 @@ fn verify_wants_the_modprobe_drop_in_only_where_the_system_has_one() {
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("MISSING  modprobe drop-in"), "{report}");
 }
+
+#[test]
+fn list_escapes_control_characters_in_names() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = dir.path().join("evil.img");
+    std::fs::write(
+        &image,
+        Cpio::newc()
+            .file("etc/a\nfake-line", b"")
+            .file("etc/\x1b[31mred", b"")
+            .finish(),
+    )
+    .expect("write");
+    let out = Command::new(crate::fake::bin())
+        .args(["initramfs", "list"])
+        .arg(&image)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "etc/a\\x0afake-line\netc/\\x1b[31mred\n"
+    );
+}
+
+#[test]
+fn device_nodes_and_fifos_are_refused_not_read_forever() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    for (path, kind) in [
+        (std::path::PathBuf::from("/dev/zero"), "a character device"),
+        (fifo, "a FIFO"),
+        (dir.path().to_path_buf(), "a directory"),
+    ] {
+        for cmd in ["examine", "list", "verify"] {
+            let out = Command::new("timeout")
+                .arg("20")
+                .arg(crate::fake::bin())
+                .args(["initramfs", cmd])
+                .arg(&path)
+                .output()
+                .expect("run");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} {}: {err}",
+                path.display()
+            );
+            assert!(
+                err.contains(&format!("not a regular file (it is {kind})")),
+                "{err}"
+            );
+        }
+    }
+}
