@@ -143,6 +143,12 @@ pub enum ProblemKind {
     IdentityMismatch { entry: usize },
     /// No device matches the entry.
     UnmatchedEntry { entry: usize },
+    /// Two entries select the same device; the first decides.
+    Overlap {
+        address: PciAddress,
+        first: usize,
+        second: usize,
+    },
     /// A device is selected and an interlock refuses it.
     Refused {
         address: PciAddress,
@@ -419,11 +425,12 @@ fn select_for_entry(
     }
     let rule = describe_rule(n, entry);
     for d in &matches {
-        selected.entry(d.address).or_insert(Selection {
+        let sel = Selection {
             entry: n,
             rule: rule.clone(),
             companion_of: None,
-        });
+        };
+        select(d.address, sel, selected, problems);
     }
     if entry.whole_slot {
         for d in &matches {
@@ -432,13 +439,46 @@ fn select_for_entry(
                 .iter()
                 .filter(|s| s.address != d.address && s.address.same_slot(&d.address))
             {
-                selected.entry(sibling.address).or_insert(Selection {
+                let sel = Selection {
                     entry: n,
                     rule: format!("entry {n}: same slot as {} (whole_slot)", d.address),
                     companion_of: Some(d.address),
-                });
+                };
+                select(sibling.address, sel, selected, problems);
             }
         }
+    }
+}
+
+/// Records a selection; the first entry to select a device decides, and a later entry
+/// that selects it again by its own rule (not as a whole_slot companion) is warned
+/// about, naming both.
+fn select(
+    address: PciAddress,
+    sel: Selection,
+    selected: &mut BTreeMap<PciAddress, Selection>,
+    problems: &mut Vec<Problem>,
+) {
+    match selected.get(&address) {
+        None => {
+            selected.insert(address, sel);
+        }
+        // The same entry twice, or a later entry's implicit whole_slot companion: quiet.
+        Some(first) if first.entry == sel.entry || sel.companion_of.is_some() => {}
+        Some(first) => problems.push(Problem::new(
+            ProblemKind::Overlap {
+                address,
+                first: first.entry,
+                second: sel.entry,
+            },
+            Severity::Warning,
+            format!(
+                "{address} is selected by entry {} ({}) and again by entry {} ({}); \
+                 entry {} decides",
+                first.entry, first.rule, sel.entry, sel.rule, first.entry
+            ),
+            "remove the duplicate entry, or narrow one of them with `address =`",
+        )),
     }
 }
 
@@ -926,6 +966,11 @@ mod tests {
                 ProblemKind::NoDeviceAtAddress { entry } => format!("no-device {entry}"),
                 ProblemKind::IdentityMismatch { entry } => format!("mismatch {entry}"),
                 ProblemKind::UnmatchedEntry { entry } => format!("unmatched {entry}"),
+                ProblemKind::Overlap {
+                    address,
+                    first,
+                    second,
+                } => format!("overlap {} {first} {second}", short(address)),
                 ProblemKind::Refused { address, interlock } => {
                     format!("refused {} {}", short(address), interlock_label(interlock))
                 }
@@ -1138,12 +1183,20 @@ mod tests {
             problems: &["forced 01:00.0 only-display"],
         },
         Case {
-            name: "the first entry that selects a device wins",
+            name: "the first entry that selects a device wins, and the overlap is warned",
             config: "[[device]]\nid = \"8086:10d3\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"03:00.0\"\n",
             opts: REPORT,
             setup: keep,
             verdicts: &["03:00.0 take", "04:00.0 take"],
-            problems: &[],
+            problems: &["overlap 03:00.0 1 2"],
+        },
+        Case {
+            name: "an entry naming a function its GPU's entry already takes is warned",
+            config: "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"10de:10f0\"\n",
+            opts: REPORT,
+            setup: keep,
+            verdicts: &["01:00.0 take", "01:00.1 take"],
+            problems: &["overlap 01:00.1 1 2"],
         },
         Case {
             name: "a live bind without an IOMMU takes nothing, even forced",
