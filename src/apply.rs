@@ -28,7 +28,9 @@ use crate::kmod::KernelModules;
 use crate::machine::Machine;
 use crate::modprobe;
 use crate::outcome::Outcome;
-use crate::paths::{self, APPLIED, FORCED, GRUB_DROPIN, KERNEL_CMDLINE, MANIFEST, MODPROBE};
+use crate::paths::{
+    self, APPLIED, CMDLINE_TOKENS, FORCED, GRUB_DROPIN, KERNEL_CMDLINE, MANIFEST, MODPROBE,
+};
 use crate::plan::Plan;
 use crate::root::Root;
 use crate::state::{self, Manifest, State};
@@ -348,7 +350,7 @@ pub fn commit_reporting(
         intent.cmdline_after = old.cmdline_after.clone();
     }
     if !ch.files.is_empty() {
-        w.write(root, MANIFEST, &intent.to_json()?)
+        write_state(root, &intent, w)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", root.path(MANIFEST).display()))?;
     }
     // 2. The files, each atomically.
@@ -373,13 +375,28 @@ pub fn commit_reporting(
 /// once nothing is owned and nothing is pending.
 fn store_manifest(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Result<()> {
     if m.owns_nothing() {
+        w.remove(root, CMDLINE_TOKENS)?;
         w.remove(root, MANIFEST)?;
         for dir in m.dirs_created.iter().rev() {
             // Only empty directories go; anything the user put there stays.
             let _ = root.remove_dir(dir);
         }
     } else {
-        w.write(root, MANIFEST, &m.to_json()?)?;
+        write_state(root, m, w)?;
+    }
+    Ok(())
+}
+
+/// The manifest, and beside it the plain list of the tokens in `/etc/kernel/cmdline`
+/// (for the package's purge, which reads no JSON). The manifest goes first: it records
+/// the directories apply creates.
+fn write_state(root: &Root, m: &Manifest, w: &mut dyn Writer) -> anyhow::Result<()> {
+    w.write(root, MANIFEST, &m.to_json()?)?;
+    if m.cmdline_added.is_empty() {
+        w.remove(root, CMDLINE_TOKENS)?;
+    } else {
+        let lines: String = m.cmdline_added.iter().map(|t| format!("{t}\n")).collect();
+        w.write(root, CMDLINE_TOKENS, &lines)?;
     }
     Ok(())
 }

@@ -37,6 +37,9 @@ pub const STATE_DIR: &str = "var/lib/vfio-early";
 // Files vfio-early owns (written by `apply`, removed by `undo`).
 pub const MANIFEST: &str = "var/lib/vfio-early/manifest.json";
 pub const APPLIED: &str = "var/lib/vfio-early/applied.toml";
+/// The tokens apply added to `/etc/kernel/cmdline`, one per line, beside the manifest:
+/// for the package's purge, which has no binary left to read the manifest with.
+pub const CMDLINE_TOKENS: &str = "var/lib/vfio-early/cmdline-tokens";
 /// Present when the last apply was forced; the initramfs carries it at the same path. A
 /// file of its own, so no config text can forge it.
 pub const FORCED: &str = "var/lib/vfio-early/forced";
@@ -109,6 +112,7 @@ pub const ALL: &[&str] = &[
     STATE_DIR,
     MANIFEST,
     APPLIED,
+    CMDLINE_TOKENS,
     FORCED,
     MODPROBE,
     GRUB_DROPIN,

@@ -638,9 +638,10 @@ fn undo_says_removed_only_for_what_it_removed() {
     let mach = machine::discover(&root);
     let ch = apply::compute(None, &mach, &Host::read(&root)).expect("undo");
     assert!(ch.files.len() >= 3, "{:?}", ch.files);
-    // The second removal fails (after the intent manifest's write, the first call).
+    // The second removal fails (the intent state takes the first two calls: the
+    // manifest, and the token list beside it).
     let mut said = Vec::new();
-    let r = apply::commit_reporting(&root, &ch, &mut FailAt { n: 3, calls: 0 }, &mut |c| {
+    let r = apply::commit_reporting(&root, &ch, &mut FailAt { n: 4, calls: 0 }, &mut |c| {
         said.push(c.path.clone());
         Ok(())
     });
@@ -702,4 +703,49 @@ fn printing_fails_cleanly_on_a_full_disk_a_closed_stdout_and_a_broken_pipe() {
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
+
+#[test]
+fn purge_after_a_failed_undo_takes_our_tokens_out_of_kernel_cmdline() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.systemd_boot(Some("root=UUID=0b1c ro quiet\n# a comment line\n"));
+    m.config(&format!(
+        "{GPU_AND_NIC}\n[kernel]\nextra_args = [\"dyndbg=\\\"module vfio_pci +p\\\"\"]\n"
+    ));
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    let applied = m.read("etc/kernel/cmdline");
+    assert!(
+        applied.contains("dyndbg=\"module vfio_pci +p\""),
+        "{applied}"
+    );
+    // The user adds a token of their own afterwards; then undo never ran (it failed in
+    // prerm) and the package is purged: only the postrm is left to clean up.
+    let first = applied.lines().next().unwrap_or("").to_string();
+    m.write(
+        "etc/kernel/cmdline",
+        &applied.replacen(&first, &format!("{first} mitigations=off"), 1),
+    );
+    let postrm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("debian/vfio-early.postrm");
+    let out = std::process::Command::new("sh")
+        .arg(&postrm)
+        .arg("purge")
+        .env("DPKG_ROOT", m.root())
+        .output()
+        .expect("postrm");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        m.read("etc/kernel/cmdline"),
+        "root=UUID=0b1c ro quiet mitigations=off\n# a comment line\n"
+    );
+    for gone in ["var/lib/vfio-early", "etc/modprobe.d/vfio-early.conf"] {
+        assert!(!m.path(gone).exists(), "{gone} left by purge");
+    }
 }
