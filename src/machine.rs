@@ -24,7 +24,11 @@ pub enum CpuVendor {
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub devices: Vec<Device>,
+    /// The CPU vendor of the running system; `Unknown` for any other root (a chroot's
+    /// or image's `/proc/cpuinfo` is the build host's, not the target's).
     pub cpu_vendor: CpuVendor,
+    /// The root is the system this process runs on: `/`, and not inside a chroot.
+    pub running_system: bool,
     /// `/proc/cmdline`, when readable.
     pub cmdline: Option<String>,
     /// The running kernel release (`/proc/sys/kernel/osrelease`).
@@ -50,6 +54,7 @@ impl Machine {
         Machine {
             devices: Vec::new(),
             cpu_vendor: CpuVendor::Unknown,
+            running_system: false,
             cmdline: None,
             running_kernel: None,
             installed_kernels: Vec::new(),
@@ -79,15 +84,38 @@ impl Machine {
 pub fn discover(root: &Root) -> Machine {
     let devices = pci::enumerate_devices(root);
     let system_disks = sysdisk::discover(root, &devices);
+    let running_system = is_running_system(root);
     Machine {
         devices,
-        cpu_vendor: read_cpu_vendor(root),
+        cpu_vendor: if running_system {
+            read_cpu_vendor(root)
+        } else {
+            CpuVendor::Unknown
+        },
+        running_system,
         cmdline: root.read_attr(paths::PROC_CMDLINE).ok(),
         running_kernel: root.read_attr(paths::PROC_OSRELEASE).ok(),
         installed_kernels: list_dir_names(root, paths::LIB_MODULES),
         iommu_units: list_dir_names(root, paths::IOMMU_CLASS),
         system_disks,
         kernels: Vec::new(),
+    }
+}
+
+/// Whether `root` is the system this process runs on: `/`, and the same directory as
+/// init's root (a chroot shows another one, or has no `/proc` at all).
+fn is_running_system(root: &Root) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if !root.is_host() {
+        return false;
+    }
+    // Which system the process runs in is a property of the process, not of the tree
+    // under the root: the kernel's own view of init's root is asked directly.
+    let init_root = std::fs::metadata("/proc/1/root"); // root-ok
+    let own_root = std::fs::metadata("/"); // root-ok
+    match (init_root, own_root) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -717,11 +717,17 @@ fn kernel_args(config: &Config, machine: &Machine, plan: &Plan) -> Vec<KernelArg
         IommuVendor::Amd => CpuVendor::Amd,
         IommuVendor::Auto => machine.cpu_vendor,
     };
-    if vendor == CpuVendor::Intel {
-        add(
+    match vendor {
+        CpuVendor::Intel => add(
             "intel_iommu=on",
             "Intel CPU: turn on VT-d (Debian leaves it off for some)",
-        );
+        ),
+        CpuVendor::Unknown => add(
+            "intel_iommu=on",
+            "CPU unknown: turns on VT-d on Intel, and AMD ignores it (its IOMMU is on \
+             by default)",
+        ),
+        CpuVendor::Amd => {}
     }
     if config.iommu.passthrough {
         add(
@@ -832,11 +838,20 @@ fn kernel_arg_problems(config: &Config, machine: &Machine) -> Vec<Problem> {
         && machine.cpu_vendor == CpuVendor::Unknown
         && !config.devices.is_empty()
     {
+        let why = if machine.running_system {
+            "this CPU's vendor is not recognised"
+        } else {
+            "the root is not the running system (a chroot or an image), so its CPU is \
+             not this one's"
+        };
         out.push(Problem::new(
             ProblemKind::UnknownCpuVendor,
-            Severity::Warning,
-            "the CPU vendor is unknown, so no IOMMU argument is added".to_string(),
-            "set [iommu] vendor = \"intel\" or \"amd\"",
+            Severity::Note,
+            format!(
+                "[iommu] vendor = \"auto\", but {why}: the arguments are right for both \
+                 vendors (intel_iommu=on, which AMD ignores)"
+            ),
+            "set [iommu] vendor = \"intel\" or \"amd\" to be exact",
         ));
     }
     out
@@ -925,6 +940,7 @@ mod tests {
         Machine {
             devices,
             cpu_vendor: CpuVendor::Intel,
+            running_system: true,
             cmdline: Some("root=UUID=x ro".into()),
             running_kernel: Some("6.1.0-28-amd64".into()),
             installed_kernels: vec!["6.1.0-28-amd64".into()],

@@ -137,7 +137,11 @@ fn enable_fix(vendor: CpuVendor) -> &'static str {
         CpuVendor::Intel => {
             "enable VT-d in the firmware setup; `vfio-early apply` adds intel_iommu=on; reboot"
         }
-        _ => "enable the IOMMU (AMD-Vi / IOMMU) in the firmware setup and reboot",
+        CpuVendor::Amd => "enable the IOMMU (AMD-Vi / IOMMU) in the firmware setup and reboot",
+        CpuVendor::Unknown => {
+            "enable VT-d in the firmware setup (AMD-Vi / IOMMU on AMD CPUs); `vfio-early \
+             apply` adds the kernel arguments; reboot"
+        }
     }
 }
 

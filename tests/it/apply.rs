@@ -15,6 +15,10 @@ use crate::fake::{text, workstation, FakeMachine};
 
 const GPU_AND_NIC: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
 
+/// A fake tree is not the running system, so `auto` cannot know its CPU: the AMD
+/// matrix cases say so in the config.
+const AMD_GPU_AND_NIC: &str = "[iommu]\nvendor = \"amd\"\n\n[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
+
 const OWNED: &[&str] = &[
     "etc/modprobe.d/vfio-early.conf",
     "etc/default/grub.d/vfio-early.cfg",
@@ -63,7 +67,7 @@ fn amd_grub_kernel_612() {
             m.kernel_612();
             m.grub();
         },
-        GPU_AND_NIC
+        AMD_GPU_AND_NIC
     ));
 }
 
@@ -87,7 +91,7 @@ fn amd_proxmox_boot_tool() {
             m.kernel_612();
             m.proxmox(Some("root=ZFS=rpool/ROOT/pve-1 boot=zfs\n"));
         },
-        GPU_AND_NIC
+        AMD_GPU_AND_NIC
     ));
 }
 
@@ -748,4 +752,28 @@ fn purge_after_a_failed_undo_takes_our_tokens_out_of_kernel_cmdline() {
     for gone in ["var/lib/vfio-early", "etc/modprobe.d/vfio-early.conf"] {
         assert!(!m.path(gone).exists(), "{gone} left by purge");
     }
+}
+
+#[test]
+fn an_image_prepared_on_an_amd_machine_still_gets_the_intel_argument() {
+    // --root is an image or chroot: its /proc/cpuinfo is the build host's (AMD here),
+    // not the target's. auto never trusts it: the arguments are right for both vendors.
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.amd();
+    m.config(GPU_AND_NIC);
+    let out = m.run(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    assert!(
+        text(&m, &out.stdout).contains("kernel arguments: intel_iommu=on iommu=pt"),
+        "{}",
+        text(&m, &out.stdout)
+    );
+    let err = text(&m, &out.stderr);
+    assert!(err.contains("the root is not the running system"), "{err}");
+    assert!(m
+        .read("etc/default/grub.d/vfio-early.cfg")
+        .contains("intel_iommu=on"));
 }
