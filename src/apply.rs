@@ -255,14 +255,42 @@ fn commands(ch: &Changes, old: &Manifest, bl: Option<Bootloader>, host: &Host) -
     } else {
         Vec::new()
     };
-    if touched.contains(MODPROBE) || touched.contains(APPLIED) || touched.contains(KERNEL_CMDLINE) {
+    // The files the initramfs carries (the command line too: systemd-boot's hook makes
+    // the entries again after the rebuild).
+    let in_image = [MODPROBE, APPLIED, FORCED, KERNEL_CMDLINE];
+    let image_changed = in_image.iter().any(|f| touched.contains(f));
+    if image_changed {
         commands.push(initramfs_command(host.generator));
     }
     let bl_now = bl.unwrap_or_else(|| host.boot.detect());
-    if bl_now == Bootloader::ProxmoxBootTool && !touched.is_empty() {
-        commands.push(vec!["proxmox-boot-tool".into(), "refresh".into()]);
-    } else if touched.contains(GRUB_DROPIN) && host.grub_cfg.is_some() {
-        commands.push(vec!["update-grub".into()]);
+    match bl_now {
+        // Copies kernels and initrds to every ESP and writes what each boots:
+        // systemd-boot entries from /etc/kernel/cmdline, or grub.cfg.
+        Bootloader::ProxmoxBootTool(_) if !touched.is_empty() => {
+            commands.push(vec!["proxmox-boot-tool".into(), "refresh".into()]);
+        }
+        Bootloader::ProxmoxBootTool(_) => {}
+        _ if touched.contains(GRUB_DROPIN) && host.grub_cfg.is_some() => {
+            commands.push(vec!["update-grub".into()]);
+        }
+        Bootloader::SystemdBoot if image_changed && !kernel_install_runs_after(host) => {
+            // dracut --regenerate-all (or a system without systemd-boot's initramfs
+            // hook) leaves the loader entries and UKIs as they were: kernel-install
+            // makes them again, from /etc/kernel/cmdline, for every installed kernel.
+            for v in &host.kernel_images {
+                let mut c = vec![
+                    "kernel-install".to_string(),
+                    "add".into(),
+                    v.clone(),
+                    format!("/boot/vmlinuz-{v}"),
+                ];
+                if host.initrds.contains(v) {
+                    c.push(format!("/boot/initrd.img-{v}"));
+                }
+                commands.push(c);
+            }
+        }
+        _ => {}
     }
     let mut unique: Vec<Vec<String>> = Vec::new();
     for c in commands {
@@ -300,6 +328,12 @@ fn missing_parents(host: &Host, rel: &str) -> Vec<String> {
     }
     out.reverse();
     out
+}
+
+/// Whether rebuilding the initramfs already runs kernel-install for each kernel:
+/// update-initramfs with systemd-boot's post-update hook in place.
+fn kernel_install_runs_after(host: &Host) -> bool {
+    host.generator == Generator::InitramfsTools && host.boot.kernel_install_hook
 }
 
 fn initramfs_command(generator: Generator) -> Vec<String> {
@@ -566,7 +600,7 @@ const NOTHING_CHANGED: &str = "nothing changed: every file already matches; noth
 fn render_header(ch: &Changes) -> String {
     let mut out = String::new();
     if let Some(b) = ch.bootloader {
-        let _ = writeln!(out, "bootloader: {}", b.name());
+        let _ = writeln!(out, "bootloader: {}", b.describe());
     }
     if !ch.manifest.kernel_args.is_empty() {
         let _ = writeln!(

@@ -7,6 +7,8 @@
 //! Rendering quotes each kernel argument for the shell that sources the drop-in and for
 //! GRUB's parser after it.
 
+use std::path::Path;
+
 use serde::Serialize;
 
 use crate::config::BootloaderKind;
@@ -18,11 +20,27 @@ use crate::root::Root;
 #[serde(rename_all = "kebab-case")]
 pub enum Bootloader {
     Grub,
+    /// systemd-boot with Type #1 entries, or UKIs (`layout=uki`), made by kernel-install
+    /// from `/etc/kernel/cmdline`.
     SystemdBoot,
-    /// proxmox-boot-tool keeps ESPs in sync; they run systemd-boot (reads
-    /// `/etc/kernel/cmdline`) or GRUB (reads `/etc/default/grub.d`).
-    ProxmoxBootTool,
+    /// proxmox-boot-tool keeps the ESPs in sync; what they boot decides where the
+    /// arguments go.
+    ProxmoxBootTool(EspLoader),
     None,
+}
+
+/// What the ESPs that proxmox-boot-tool manages boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EspLoader {
+    /// GRUB (`EFI/proxmox/grubx64.efi`, or a legacy BIOS boot): reads
+    /// `/etc/default/grub.d`.
+    Grub,
+    /// systemd-boot: `proxmox-<kver>.conf` entries from `/etc/kernel/cmdline`.
+    SystemdBoot,
+    /// Not known from here (the ESPs are not mounted): both files are written, each
+    /// read by one of them.
+    Unknown,
 }
 
 /// What is installed that passes the kernel its command line: read once, judged by
@@ -35,29 +53,74 @@ pub struct BootFacts {
     pub systemd_boot: bool,
     /// `update-grub` and `boot/grub/grub.cfg` exist.
     pub grub: bool,
+    /// Booted through UEFI (`sys/firmware/efi`).
+    pub efi: bool,
+    /// This boot was started by systemd-boot (its `LoaderInfo` EFI variable).
+    pub booted_by_systemd_boot: bool,
+    /// This boot was started by GRUB (`BOOT_IMAGE=` on the kernel command line).
+    pub booted_by_grub: bool,
+    /// A mounted ESP holds Proxmox's GRUB (`EFI/proxmox/grubx64.efi`).
+    pub esp_proxmox_grub: bool,
+    /// kernel-install makes UKIs (`layout=uki` in `kernel/install.conf`).
+    pub uki: bool,
+    /// systemd-boot's initramfs hook (`/etc/initramfs/post-update.d/systemd-boot`) runs
+    /// kernel-install after update-initramfs (and proxmox-boot-tool has not disabled it).
+    pub kernel_install_hook: bool,
+    /// `kernel-install` exists.
+    pub kernel_install: bool,
 }
+
+/// The EFI variable systemd-boot sets for the OS it started.
+const LOADER_INFO: &str = "LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+/// The line proxmox-boot-tool puts into the upstream hooks it disables.
+const PBT_DISABLED: &str = "This hookfile has been disabled by proxmox-boot-tool";
 
 impl BootFacts {
     pub fn read(root: &Root) -> BootFacts {
         let uuids = root
             .read_to_string(paths::PROXMOX_UUIDS)
             .unwrap_or_default();
+        let on_esp = |rel: &str| {
+            paths::ESP_MOUNTS
+                .iter()
+                .any(|esp| root.exists(Path::new(esp).join(rel)))
+        };
+        let hook = root
+            .read_to_string(paths::SDBOOT_INITRAMFS_HOOK)
+            .is_ok_and(|t| !t.contains(PBT_DISABLED));
+        let layout = [paths::INSTALL_CONF, paths::INSTALL_CONF_DEFAULT]
+            .iter()
+            .find_map(|f| root.read_to_string(f).ok())
+            .unwrap_or_default();
         BootFacts {
             proxmox_boot_tool: !uuids.trim().is_empty() && root.exists(paths::PROXMOX_BOOT_TOOL),
             systemd_boot: paths::ESP_MOUNTS.iter().any(|esp| {
-                root.read_dir_names(std::path::Path::new(esp).join("EFI/systemd"))
+                root.read_dir_names(Path::new(esp).join("EFI/systemd"))
                     .unwrap_or_default()
                     .iter()
                     .any(|n| n.starts_with("systemd-boot"))
             }),
             grub: root.exists(paths::UPDATE_GRUB) && root.exists(paths::GRUB_CFG),
+            efi: root.exists(paths::SYS_FIRMWARE_EFI),
+            booted_by_systemd_boot: root.exists(Path::new(paths::EFIVARS).join(LOADER_INFO)),
+            booted_by_grub: root
+                .read_bytes(paths::PROC_CMDLINE, 64 * 1024)
+                .is_ok_and(|c| {
+                    c.starts_with(b"BOOT_IMAGE=") || c.windows(12).any(|w| w == b" BOOT_IMAGE=")
+                }),
+            esp_proxmox_grub: on_esp("EFI/proxmox/grubx64.efi"),
+            uki: layout
+                .lines()
+                .any(|l| l.split('#').next().unwrap_or("").trim().replace(' ', "") == "layout=uki"),
+            kernel_install_hook: hook,
+            kernel_install: root.exists(paths::KERNEL_INSTALL),
         }
     }
 
     /// The detected bootloader, in the order Proxmox, systemd-boot, GRUB.
     pub fn detect(&self) -> Bootloader {
         if self.proxmox_boot_tool {
-            Bootloader::ProxmoxBootTool
+            Bootloader::ProxmoxBootTool(self.esp_loader())
         } else if self.systemd_boot {
             Bootloader::SystemdBoot
         } else if self.grub {
@@ -67,12 +130,28 @@ impl BootFacts {
         }
     }
 
+    /// What proxmox-boot-tool's ESPs boot, as its own hook decides per ESP: GRUB where
+    /// `EFI/proxmox/grubx64.efi` is, or on a legacy BIOS boot; else systemd-boot. The
+    /// ESPs are not kept mounted, so when none is, this boot's loader is the witness
+    /// (systemd-boot's `LoaderInfo` variable, GRUB's `BOOT_IMAGE=`).
+    pub fn esp_loader(&self) -> EspLoader {
+        if self.esp_proxmox_grub {
+            EspLoader::Grub
+        } else if self.booted_by_systemd_boot {
+            EspLoader::SystemdBoot
+        } else if !self.efi || self.booted_by_grub {
+            EspLoader::Grub
+        } else {
+            EspLoader::Unknown
+        }
+    }
+
     /// The configured bootloader, or the detected one for `auto`.
     pub fn resolve(&self, kind: BootloaderKind) -> Bootloader {
         match kind {
             BootloaderKind::Grub => Bootloader::Grub,
             BootloaderKind::SystemdBoot => Bootloader::SystemdBoot,
-            BootloaderKind::ProxmoxBootTool => Bootloader::ProxmoxBootTool,
+            BootloaderKind::ProxmoxBootTool => Bootloader::ProxmoxBootTool(self.esp_loader()),
             BootloaderKind::None => Bootloader::None,
             BootloaderKind::Auto => self.detect(),
         }
@@ -81,17 +160,20 @@ impl BootFacts {
 
 impl Bootloader {
     /// Whether kernel arguments go to the GRUB drop-in.
-    pub fn uses_grub_dropin(self, facts: &BootFacts) -> bool {
-        match self {
-            Bootloader::Grub => true,
-            Bootloader::ProxmoxBootTool => facts.grub,
-            _ => false,
-        }
+    pub fn uses_grub_dropin(self, _facts: &BootFacts) -> bool {
+        matches!(
+            self,
+            Bootloader::Grub | Bootloader::ProxmoxBootTool(EspLoader::Grub | EspLoader::Unknown)
+        )
     }
 
     /// Whether kernel arguments go to `/etc/kernel/cmdline`.
     pub fn uses_kernel_cmdline(self) -> bool {
-        matches!(self, Bootloader::SystemdBoot | Bootloader::ProxmoxBootTool)
+        matches!(
+            self,
+            Bootloader::SystemdBoot
+                | Bootloader::ProxmoxBootTool(EspLoader::SystemdBoot | EspLoader::Unknown)
+        )
     }
 
     /// The name users write in the config (`[bootloader] kind`).
@@ -99,8 +181,26 @@ impl Bootloader {
         match self {
             Bootloader::Grub => "grub",
             Bootloader::SystemdBoot => "systemd-boot",
-            Bootloader::ProxmoxBootTool => "proxmox-boot-tool",
+            Bootloader::ProxmoxBootTool(_) => "proxmox-boot-tool",
             Bootloader::None => "none",
+        }
+    }
+
+    /// The name with what the ESPs boot, for reports.
+    pub fn describe(self) -> String {
+        match self {
+            Bootloader::ProxmoxBootTool(EspLoader::Grub) => {
+                "proxmox-boot-tool (its ESPs boot GRUB)".to_string()
+            }
+            Bootloader::ProxmoxBootTool(EspLoader::SystemdBoot) => {
+                "proxmox-boot-tool (its ESPs boot systemd-boot)".to_string()
+            }
+            Bootloader::ProxmoxBootTool(EspLoader::Unknown) => {
+                "proxmox-boot-tool (what its ESPs boot is not known here: both the GRUB \
+                 drop-in and /etc/kernel/cmdline are written)"
+                    .to_string()
+            }
+            b => b.name().to_string(),
         }
     }
 }

@@ -48,6 +48,10 @@ pub struct Host {
     pub boot: BootFacts,
     pub grub_cfg: Option<String>,
     pub generator: Generator,
+    /// Kernel versions with an image in `/boot` (`vmlinuz-<version>`), sorted.
+    pub kernel_images: Vec<String>,
+    /// Kernel versions with an initramfs in `/boot` (`initrd.img-<version>`).
+    pub initrds: Vec<String>,
 }
 
 impl Host {
@@ -78,6 +82,8 @@ impl Host {
             boot: BootFacts::read(root),
             grub_cfg: root.read_to_string(paths::GRUB_CFG).ok(),
             generator,
+            kernel_images: versions_in_boot(root, "vmlinuz-"),
+            initrds: versions_in_boot(root, "initrd.img-"),
         }
     }
 
@@ -102,6 +108,15 @@ impl Host {
     pub fn has(&self, rel: &str) -> bool {
         self.text(rel).is_some()
     }
+}
+
+/// The versions of the files `<prefix><version>` in `/boot`, sorted.
+fn versions_in_boot(root: &Root, prefix: &str) -> Vec<String> {
+    root.read_dir_names(paths::BOOT)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix).map(str::to_string))
+        .collect()
 }
 
 fn read_opt(root: &Root, rel: &str) -> Result<Option<String>, String> {

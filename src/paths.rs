@@ -55,6 +55,13 @@ pub const PROXMOX_UUIDS: &str = "etc/kernel/proxmox-boot-uuids";
 pub const PROXMOX_BOOT_TOOL: &str = "usr/sbin/proxmox-boot-tool";
 /// Where an ESP may be mounted; systemd-boot lives in `EFI/systemd/` on it.
 pub const ESP_MOUNTS: &[&str] = &["boot/efi", "efi", "boot"];
+pub const SYS_FIRMWARE_EFI: &str = "sys/firmware/efi";
+pub const EFIVARS: &str = "sys/firmware/efi/efivars";
+pub const KERNEL_INSTALL: &str = "usr/bin/kernel-install";
+pub const INSTALL_CONF: &str = "etc/kernel/install.conf";
+pub const INSTALL_CONF_DEFAULT: &str = "usr/lib/kernel/install.conf";
+/// systemd-boot's hook that runs kernel-install after update-initramfs.
+pub const SDBOOT_INITRAMFS_HOOK: &str = "etc/initramfs/post-update.d/systemd-boot";
 pub const UPDATE_INITRAMFS: &str = "usr/sbin/update-initramfs";
 pub const DRACUT: &str = "usr/bin/dracut";
 
@@ -121,6 +128,12 @@ pub const ALL: &[&str] = &[
     UPDATE_GRUB,
     PROXMOX_UUIDS,
     PROXMOX_BOOT_TOOL,
+    SYS_FIRMWARE_EFI,
+    EFIVARS,
+    KERNEL_INSTALL,
+    INSTALL_CONF,
+    INSTALL_CONF_DEFAULT,
+    SDBOOT_INITRAMFS_HOOK,
     UPDATE_INITRAMFS,
     DRACUT,
 ];

@@ -672,6 +672,8 @@ mod checks {
             boot,
             grub_cfg: grub_cfg.map(str::to_string),
             generator: Generator::InitramfsTools,
+            kernel_images: Vec::new(),
+            initrds: Vec::new(),
         }
     }
 

@@ -777,3 +777,151 @@ fn an_image_prepared_on_an_amd_machine_still_gets_the_intel_argument() {
         .read("etc/default/grub.d/vfio-early.cfg")
         .contains("intel_iommu=on"));
 }
+
+/// The three Proxmox VE layouts, and one where what the ESPs boot cannot be known.
+#[test]
+fn proxmox_layouts_each_get_the_file_their_loader_reads() {
+    let pve_kernel = |m: &FakeMachine| {
+        m.initramfs_tools();
+        m.kernel_61();
+    };
+    // (name, setup, GRUB drop-in written, /etc/kernel/cmdline changed, command)
+    type Setup = fn(&FakeMachine);
+    let cases: [(&str, Setup, bool, bool, &str); 4] = [
+        (
+            "GRUB without proxmox-boot-tool",
+            |m| m.grub(),
+            true,
+            false,
+            "update-grub",
+        ),
+        (
+            "systemd-boot through proxmox-boot-tool",
+            |m| m.proxmox(Some("root=ZFS=rpool/ROOT/pve-1 boot=zfs\n")),
+            false,
+            true,
+            "proxmox-boot-tool refresh",
+        ),
+        (
+            "GRUB through proxmox-boot-tool",
+            |m| m.proxmox_grub(),
+            true,
+            false,
+            "proxmox-boot-tool refresh",
+        ),
+        (
+            "proxmox-boot-tool, ESPs unknown",
+            |m| {
+                m.proxmox_boot_tool(Some("root=ZFS=rpool/ROOT/pve-1 boot=zfs\n"));
+                // Neither GRUB's BOOT_IMAGE= nor systemd-boot's LoaderInfo says who booted.
+                m.write("proc/cmdline", "root=ZFS=rpool/ROOT/pve-1 boot=zfs quiet\n");
+            },
+            true,
+            true,
+            "proxmox-boot-tool refresh",
+        ),
+    ];
+    for (name, setup, dropin, cmdline, command) in cases {
+        let m = workstation();
+        pve_kernel(&m);
+        setup(&m);
+        let before = m.read("etc/kernel/cmdline");
+        m.config(GPU_AND_NIC);
+        let out = m.run(&["apply"]);
+        let stdout = text(&m, &out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            text(&m, &out.stderr)
+        );
+        assert_eq!(
+            m.path("etc/default/grub.d/vfio-early.cfg").exists(),
+            dropin,
+            "{name}: {stdout}"
+        );
+        assert_eq!(
+            m.read("etc/kernel/cmdline") != before,
+            cmdline,
+            "{name}: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("would run: {command}")),
+            "{name}: {stdout}"
+        );
+        if command.starts_with("proxmox") {
+            assert!(
+                !stdout.contains("would run: update-grub"),
+                "{name}: {stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn systemd_boot_with_dracut_or_without_its_hook_runs_kernel_install_for_every_kernel() {
+    let m = workstation();
+    m.kernel_61();
+    m.kernel_612();
+    m.systemd_boot(Some("root=UUID=0b1c ro\n"));
+    m.write("usr/bin/dracut", "#!/bin/sh\n");
+    m.write("usr/bin/kernel-install", "#!/bin/sh\n");
+    for v in ["6.1.0-28-amd64", "6.12.48+deb13-amd64"] {
+        m.write(&format!("boot/vmlinuz-{v}"), "");
+        m.write(&format!("boot/initrd.img-{v}"), "");
+    }
+    m.config(GPU_AND_NIC);
+    let out = m.run(&["apply"]);
+    let stdout = text(&m, &out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&m, &out.stderr));
+    assert!(
+        stdout.contains("would run: dracut --regenerate-all --force"),
+        "{stdout}"
+    );
+    for v in ["6.1.0-28-amd64", "6.12.48+deb13-amd64"] {
+        assert!(
+            stdout.contains(&format!(
+                "would run: kernel-install add {v} /boot/vmlinuz-{v} /boot/initrd.img-{v}"
+            )),
+            "{stdout}"
+        );
+    }
+    // Undo makes the entries again too (without our arguments).
+    let out = m.run(&["undo"]);
+    assert!(text(&m, &out.stdout).contains("would run: kernel-install add 6.1.0-28-amd64"));
+
+    // initramfs-tools with systemd-boot's hook: update-initramfs is enough.
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.systemd_boot(Some("root=UUID=0b1c ro\n"));
+    m.write("etc/initramfs/post-update.d/systemd-boot", "#!/bin/sh\n");
+    m.write("boot/vmlinuz-6.1.0-28-amd64", "");
+    m.config(GPU_AND_NIC);
+    let stdout = text(&m, &m.run(&["apply"]).stdout);
+    assert!(
+        stdout.contains("would run: update-initramfs -u -k all"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("kernel-install"), "{stdout}");
+}
+
+#[test]
+fn forcing_alone_rebuilds_the_initramfs_that_carries_the_marker() {
+    let m = workstation();
+    m.initramfs_tools();
+    m.kernel_61();
+    m.grub();
+    m.config(GPU_AND_NIC);
+    assert_eq!(m.run(&["apply"]).status.code(), Some(0));
+    let out = m.run(&["apply", "--force"]);
+    let stdout = text(&m, &out.stdout);
+    assert!(
+        stdout.contains("wrote /var/lib/vfio-early/forced"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would run: update-initramfs -u -k all"),
+        "{stdout}"
+    );
+}

@@ -349,9 +349,29 @@ impl FakeMachine {
         }
     }
 
+    /// Proxmox VE on ZFS with UEFI: proxmox-boot-tool's ESPs boot systemd-boot (this
+    /// boot was started by it).
     pub fn proxmox(&self, cmdline: Option<&str>) {
+        self.proxmox_boot_tool(cmdline);
+        self.write(
+            "sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f",
+            "",
+        );
+    }
+
+    /// proxmox-boot-tool managing ESPs that boot GRUB (Secure Boot, PVE 8.1+): one is
+    /// mounted here and holds `EFI/proxmox/grubx64.efi`.
+    pub fn proxmox_grub(&self) {
+        self.proxmox_boot_tool(None);
+        self.write("boot/efi/EFI/proxmox/grubx64.efi", "MZ");
+        self.grub();
+    }
+
+    /// proxmox-boot-tool with UEFI and nothing that tells what its ESPs boot.
+    pub fn proxmox_boot_tool(&self, cmdline: Option<&str>) {
         self.write("usr/sbin/proxmox-boot-tool", "#!/bin/sh\n");
         self.write("etc/kernel/proxmox-boot-uuids", "5C1E-4A2B\n");
+        fs::create_dir_all(self.path("sys/firmware/efi/efivars")).expect("mkdir");
         if let Some(c) = cmdline {
             self.write("etc/kernel/cmdline", c);
         }
