@@ -159,12 +159,16 @@ _vfio__early() {
             return 0
             ;;
         vfio__subcmd__early__subcmd__apply)
-            opts="-h --dry-run --force --if-configured --root --config --help"
+            opts="-h --dry-run --force --if-configured --wait --root --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --root)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -805,12 +809,16 @@ _vfio__early() {
             return 0
             ;;
         vfio__subcmd__early__subcmd__undo)
-            opts="-h --dry-run --root --config --help"
+            opts="-h --dry-run --wait --root --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --root)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -115,7 +115,7 @@ pub enum Cmd {
     /// --json prints {"schema": 1, "verdict": V, "checks": [{"id", "verdict",
     /// "device", "summary", "fix"}]}, V being "pass", "warn" or "fail"; "device"
     /// is a PCI address or null. Check ids: iommu, interrupt-remapping, cmdline,
-    /// applied, bootloader, initramfs, vfio-modules, device, iommu-group,
+    /// applied, bootloader, next-boot, initramfs, vfio-modules, device, iommu-group,
     /// framebuffer, reset-method. Fields and ids are added, never renamed.
     Status {
         /// Print stable JSON instead of a table.

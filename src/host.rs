@@ -52,6 +52,8 @@ pub struct Host {
     pub kernel_images: Vec<String>,
     /// Kernel versions with an initramfs in `/boot` (`initrd.img-<version>`).
     pub initrds: Vec<String>,
+    /// The command line the next boot will give the kernel, where it can be read.
+    pub next_boot: Option<crate::nextboot::NextBoot>,
 }
 
 impl Host {
@@ -74,13 +76,16 @@ impl Host {
         } else {
             Generator::Dracut
         };
+        let boot = BootFacts::read(root);
+        let grub_cfg = root.read_to_string(paths::GRUB_CFG).ok();
         Host {
             is_host: root.is_host(),
             state: State::read(root),
             owned,
             existing_dirs,
-            boot: BootFacts::read(root),
-            grub_cfg: root.read_to_string(paths::GRUB_CFG).ok(),
+            next_boot: crate::nextboot::read(root, &boot, grub_cfg.as_deref()),
+            boot,
+            grub_cfg,
             generator,
             kernel_images: versions_in_boot(root, "vmlinuz-"),
             initrds: versions_in_boot(root, "initrd.img-"),

@@ -24,6 +24,7 @@ pub mod list;
 pub mod lock;
 pub mod machine;
 pub mod modprobe;
+pub mod nextboot;
 pub mod outcome;
 pub mod paths;
 pub mod pci;

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::context::Context;
 use crate::host::{Host, Image, Runtime};
 use crate::machine::{CpuVendor, Machine};
+use crate::nextboot::NextBoot;
 use crate::outcome::Outcome;
 use crate::paths;
 use crate::plan::{Decision, Plan};
@@ -33,8 +34,9 @@ pub enum Verdict {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
-    /// Stable identifier: `iommu`, `interrupt-remapping`, `cmdline`, `vfio-modules`,
-    /// `device`, `iommu-group`, `initramfs`, `applied`, `framebuffer`, `reset-method`.
+    /// Stable identifier: `iommu`, `interrupt-remapping`, `cmdline`, `next-boot`,
+    /// `vfio-modules`, `device`, `iommu-group`, `initramfs`, `applied`, `framebuffer`,
+    /// `reset-method`.
     pub id: &'static str,
     pub verdict: Verdict,
     /// For per-device checks, the device.
@@ -93,11 +95,17 @@ pub fn evaluate(inp: &Inputs) -> Report {
     let mut checks = vec![
         iommu_check(inp.machine, &inp.runtime.kernel_log),
         interrupt_remapping_check(inp),
-        cmdline_check(inp.config, inp.machine, manifest),
+        cmdline_check(
+            inp.config,
+            inp.machine,
+            manifest,
+            inp.host.next_boot.as_ref(),
+        ),
         applied_check(inp),
     ];
     if let Some(mf) = manifest.filter(|mf| !mf.kernel_args.is_empty()) {
         checks.push(bootloader_check(inp.host, inp.config, mf));
+        checks.extend(next_boot_check(inp.host, mf));
     }
     if let Some(image) = &inp.runtime.initramfs {
         checks.push(initramfs_check(image));
@@ -208,47 +216,102 @@ fn interrupt_remapping_check(inp: &Inputs) -> Check {
     }
 }
 
-/// The command line carries what apply wrote.
-fn cmdline_check(config: &Config, m: &Machine, manifest: Option<&Manifest>) -> Check {
-    match manifest {
-        None if config.devices.is_empty() => check(
+/// The command line carries what apply wrote; when it does not but the next boot does,
+/// a reboot is pending.
+fn cmdline_check(
+    config: &Config,
+    m: &Machine,
+    manifest: Option<&Manifest>,
+    next: Option<&NextBoot>,
+) -> Check {
+    let Some(mf) = manifest else {
+        return if config.devices.is_empty() {
+            check(
+                "cmdline",
+                Verdict::Warn,
+                "no device configured and nothing applied".into(),
+                Some("add [[device]] entries to the config, then run `vfio-early apply`"),
+            )
+        } else {
+            check(
+                "cmdline",
+                Verdict::Fail,
+                "`vfio-early apply` has not run".into(),
+                Some("run `vfio-early apply`, then reboot"),
+            )
+        };
+    };
+    let missing: Vec<&str> = mf
+        .kernel_args
+        .iter()
+        .filter(|t| !m.cmdline_has(t))
+        .map(String::as_str)
+        .collect();
+    let next_has_all = next.is_some_and(|n| {
+        mf.kernel_args
+            .iter()
+            .all(|t| kargs::cmdline_has(&n.cmdline, t))
+    });
+    if missing.is_empty() {
+        let has = if mf.kernel_args.is_empty() {
+            "nothing to check".to_string()
+        } else {
+            mf.kernel_args.join(" ")
+        };
+        check(
+            "cmdline",
+            Verdict::Pass,
+            format!("the kernel command line has {has}"),
+            None,
+        )
+    } else if next_has_all {
+        let source = next.map(|n| n.source.as_str()).unwrap_or("");
+        check(
             "cmdline",
             Verdict::Warn,
-            "no device configured and nothing applied".into(),
-            Some("add [[device]] entries to the config, then run `vfio-early apply`"),
-        ),
-        None => check(
-            "cmdline",
-            Verdict::Fail,
-            "`vfio-early apply` has not run".into(),
-            Some("run `vfio-early apply`, then reboot"),
-        ),
-        Some(mf) => {
-            let missing: Vec<&str> = mf
-                .kernel_args
-                .iter()
-                .filter(|t| !m.cmdline_has(t))
-                .map(String::as_str)
-                .collect();
-            if missing.is_empty() {
-                check(
-                    "cmdline",
-                    Verdict::Pass,
-                    format!(
-                        "the kernel command line has {}",
-                        if mf.kernel_args.is_empty() {
-                            "nothing to check".to_string()
-                        } else {
-                            mf.kernel_args.join(" ")
-                        }
-                    ),
-                    None,
-                )
-            } else {
-                check("cmdline", Verdict::Fail, format!("the kernel command line lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
-            }
-        }
+            format!(
+                "reboot pending: the running kernel lacks {}, which the next boot ({source}) has",
+                missing.join(" ")
+            ),
+            Some("reboot to put the arguments in force"),
+        )
+    } else {
+        check("cmdline", Verdict::Fail, format!("the kernel command line lacks {}", missing.join(" ")), Some("reboot; if it persists, check the bootloader (`vfio-early apply --dry-run` shows where the arguments go)"))
     }
+}
+
+/// What the next boot will give the kernel, as the bootloader's files say.
+fn next_boot_check(host: &Host, mf: &Manifest) -> Option<Check> {
+    let next = host.next_boot.as_ref()?;
+    let missing: Vec<&str> = mf
+        .kernel_args
+        .iter()
+        .filter(|t| !kargs::cmdline_has(&next.cmdline, t))
+        .map(String::as_str)
+        .collect();
+    Some(if missing.is_empty() {
+        check(
+            "next-boot",
+            Verdict::Pass,
+            format!(
+                "the next boot ({}) has {}",
+                next.source,
+                mf.kernel_args.join(" ")
+            ),
+            None,
+        )
+    } else {
+        check(
+            "next-boot",
+            Verdict::Fail,
+            format!(
+                "the next boot ({}) lacks {}",
+                next.source,
+                missing.join(" ")
+            ),
+            Some("run `vfio-early apply` again (it regenerates the bootloader config)"),
+        )
+    })
 }
 
 /// The config in force is the one last applied.
@@ -674,6 +737,7 @@ mod checks {
             generator: Generator::InitramfsTools,
             kernel_images: Vec::new(),
             initrds: Vec::new(),
+            next_boot: None,
         }
     }
 
@@ -703,11 +767,30 @@ mod checks {
                 Verdict::Fail,
             ),
         ] {
-            let got = cmdline_check(&c, &m(cmdline), Some(&mf)).verdict;
+            let got = cmdline_check(&c, &m(cmdline), Some(&mf), None).verdict;
             assert_eq!(got, verdict, "{cmdline}");
         }
-        assert_eq!(cmdline_check(&c, &m(""), None).verdict, Verdict::Fail);
-        assert_eq!(cmdline_check(&cfg(""), &m(""), None).verdict, Verdict::Warn);
+        assert_eq!(cmdline_check(&c, &m(""), None, None).verdict, Verdict::Fail);
+        assert_eq!(
+            cmdline_check(&cfg(""), &m(""), None, None).verdict,
+            Verdict::Warn
+        );
+        // Applied, not rebooted yet: the next boot has the arguments.
+        let next = NextBoot {
+            source: "grub.cfg's default entry".into(),
+            cmdline: "root=/dev/vda ro intel_iommu=on dyndbg=\"module vfio_pci +p\"".into(),
+        };
+        let c2 = cmdline_check(&c, &m("root=/dev/vda ro"), Some(&mf), Some(&next));
+        assert_eq!(c2.verdict, Verdict::Warn);
+        assert!(c2.summary.starts_with("reboot pending"), "{}", c2.summary);
+        let stale = NextBoot {
+            cmdline: "root=/dev/vda ro".into(),
+            ..next.clone()
+        };
+        assert_eq!(
+            cmdline_check(&c, &m("root=/dev/vda ro"), Some(&mf), Some(&stale)).verdict,
+            Verdict::Fail
+        );
     }
 
     #[test]

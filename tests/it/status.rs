@@ -85,6 +85,11 @@ fn a_healthy_host_passes_every_check() {
 fn a_missing_argument_and_a_device_left_on_its_driver_fail() {
     let m = healthy();
     m.write("proc/cmdline", "root=UUID=x ro quiet iommu=pt\n");
+    // Not a pending reboot: the bootloader's next boot lacks it too.
+    m.write(
+        "boot/grub/grub.cfg",
+        "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet iommu=pt\n}\n",
+    );
     let link = m.path("sys/devices/pci0000:00/0000:04:00.0/driver");
     std::fs::remove_file(&link).expect("rm");
     symlink("../../../bus/pci/drivers/e1000e", link).expect("ln");
@@ -272,4 +277,33 @@ fn a_vfio_module_built_into_the_kernel_needs_no_file_in_the_initramfs() {
     );
     let report = text(&m, &m.run(&["status"]).stdout);
     assert!(report.contains("lacks module vfio_pci"), "{report}");
+}
+
+#[test]
+fn applied_but_not_rebooted_is_a_pending_reboot_not_a_broken_bootloader() {
+    let m = healthy();
+    m.write(
+        "proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet\n",
+    );
+    let out = m.run(&["status"]);
+    let report = text(&m, &out.stdout);
+    assert!(
+        report.contains("WARN  cmdline             reboot pending: the running kernel lacks intel_iommu=on iommu=pt, which the next boot (grub.cfg's default entry) has"),
+        "{report}"
+    );
+    assert!(
+        report.contains("PASS  next-boot           the next boot (grub.cfg's default entry) has intel_iommu=on iommu=pt"),
+        "{report}"
+    );
+    // grub.cfg regenerated without them: the next boot is what is broken.
+    m.write(
+        "boot/grub/grub.cfg",
+        "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=x ro quiet\n}\n",
+    );
+    let report = text(&m, &m.run(&["status"]).stdout);
+    assert!(
+        report.contains("FAIL  next-boot           the next boot (grub.cfg's default entry) lacks intel_iommu=on iommu=pt"),
+        "{report}"
+    );
 }
