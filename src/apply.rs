@@ -514,8 +514,8 @@ pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
 /// `vfio-early undo`: apply towards the empty state. Needs no config (it may be the
 /// thing that is broken).
 pub fn undo(root: &Root, dry_run: bool) -> anyhow::Result<Outcome> {
-    let host = Host::read(root);
     let machine = crate::machine::discover(root);
+    let host = Host::read(root, machine.cmdline.as_deref());
     converge(root, None, &machine, &host, dry_run)
 }
 
@@ -548,7 +548,8 @@ fn converge(
 
 /// `vfio-early hook-files --kernel V`, for the initramfs hooks.
 pub fn hook_files(root: &Root, version: &str) -> anyhow::Result<Outcome> {
-    let host = Host::read(root);
+    // Only the owned files matter here, not what booted.
+    let host = Host::read(root, None);
     let km = KernelModules::read(root, version);
     crate::out!("{}", render_hook_files(&host, &km))?;
     Ok(Outcome::Ok)

@@ -76,7 +76,8 @@ const LOADER_INFO: &str = "LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 const PBT_DISABLED: &str = "This hookfile has been disabled by proxmox-boot-tool";
 
 impl BootFacts {
-    pub fn read(root: &Root) -> BootFacts {
+    /// `cmdline` is the kernel command line as already read (`Machine::cmdline`).
+    pub fn read(root: &Root, cmdline: Option<&str>) -> BootFacts {
         let uuids = root
             .read_to_string(paths::PROXMOX_UUIDS)
             .unwrap_or_default();
@@ -103,11 +104,8 @@ impl BootFacts {
             grub: root.exists(paths::UPDATE_GRUB) && root.exists(paths::GRUB_CFG),
             efi: root.exists(paths::SYS_FIRMWARE_EFI),
             booted_by_systemd_boot: root.exists(Path::new(paths::EFIVARS).join(LOADER_INFO)),
-            booted_by_grub: root
-                .read_bytes(paths::PROC_CMDLINE, 64 * 1024)
-                .is_ok_and(|c| {
-                    c.starts_with(b"BOOT_IMAGE=") || c.windows(12).any(|w| w == b" BOOT_IMAGE=")
-                }),
+            booted_by_grub: cmdline
+                .is_some_and(|c| c.split_whitespace().any(|t| t.starts_with("BOOT_IMAGE="))),
             esp_proxmox_grub: on_esp("EFI/proxmox/grubx64.efi"),
             uki: layout
                 .lines()

@@ -64,8 +64,8 @@ impl Context {
         let root = Root::new(root);
         let config_path = config_path(&root, config);
         let (config_text, config) = load_config(&config_path, need)?;
-        let host = Host::read(&root);
         let mut machine = machine::discover(&root);
+        let host = Host::read(&root, machine.cmdline.as_deref());
         if matches!(mode, PlanMode::Apply { .. }) {
             machine.kernels = kmod::read_all(&root, &machine.installed_kernels);
         }

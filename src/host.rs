@@ -57,7 +57,9 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn read(root: &Root) -> Host {
+    /// `cmdline` is the kernel command line as already read (`Machine::cmdline`), the
+    /// witness of which loader started this boot.
+    pub fn read(root: &Root, cmdline: Option<&str>) -> Host {
         let mut owned = BTreeMap::new();
         let mut existing_dirs = BTreeSet::new();
         for rel in OWNED_FILES {
@@ -76,7 +78,7 @@ impl Host {
         } else {
             Generator::Dracut
         };
-        let boot = BootFacts::read(root);
+        let boot = BootFacts::read(root, cmdline);
         let grub_cfg = root.read_to_string(paths::GRUB_CFG).ok();
         Host {
             is_host: root.is_host(),

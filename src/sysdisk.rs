@@ -12,7 +12,6 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
-use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -51,6 +50,9 @@ const NETWORK_FS: &[&str] = &[
 
 /// Stacked block devices deeper than this are reported, not followed (loops guard).
 const MAX_DEPTH: usize = 16;
+
+/// The most of a mount table, swap list or fstab read (a real one is a few KiB).
+const TABLE_MAX: u64 = 16 << 20;
 
 /// How long `zpool status` may take before it is killed and the pool is unknown.
 const ZPOOL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,11 +204,11 @@ pub struct Mounts {
 /// Reads `proc/self/mountinfo`, or `proc/mounts` when that is missing.
 fn read_mount_table(root: &Root) -> Result<(Mounts, PathBuf), String> {
     let info = root.path(paths::PROC_MOUNTINFO);
-    match fs::read(&info) {
+    match root.read_bytes(paths::PROC_MOUNTINFO, TABLE_MAX) {
         Ok(bytes) => Ok((parse_mountinfo(&bytes), info)),
         Err(first) => {
             let mounts = root.path(paths::PROC_MOUNTS);
-            match fs::read(&mounts) {
+            match root.read_bytes(paths::PROC_MOUNTS, TABLE_MAX) {
                 Ok(bytes) => Ok((parse_mounts(&bytes), mounts)),
                 Err(_) => Err(format!(
                     "cannot read the mount table ({}: {first})",
@@ -431,9 +433,9 @@ impl Finder<'_> {
     /// `debug-dump` tree keeps the links without every directory they point into).
     fn resolve(&self, rel: &Path) -> Option<PathBuf> {
         let mut cur = normalize(rel);
-        fs::symlink_metadata(self.root.path(&cur)).ok()?;
+        self.root.symlink_metadata(&cur).ok()?;
         for _ in 0..8 {
-            let Ok(target) = fs::read_link(self.root.path(&cur)) else {
+            let Ok(target) = self.root.read_link(&cur) else {
                 return Some(cur);
             };
             let joined = if target.is_absolute() {
@@ -448,12 +450,7 @@ impl Finder<'_> {
 
     /// Entry names of a directory under the root, sorted; errors as they are.
     fn names(&self, rel: &Path) -> io::Result<Vec<String>> {
-        let mut v: Vec<String> = fs::read_dir(self.root.path(rel))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        Ok(v)
+        self.root.read_dir_names(rel)
     }
 
     /// A block device's name for people: `dm-0 (vg0-root)`, `md0 (raid1)`, `sda2`.
@@ -517,7 +514,7 @@ impl Finder<'_> {
         // udev's links (mapper, disk/by-*, VG/LV, md/NAME) end at the kernel's node.
         let node = self.resolve(rel).unwrap_or_else(|| rel.to_path_buf());
         // A real device node gives its number.
-        if let Ok(meta) = fs::metadata(self.root.path(&node)) {
+        if let Ok(meta) = self.root.metadata(&node) {
             if meta.file_type().is_block_device() {
                 let (major, minor) = dev_numbers(meta.rdev());
                 let link = Path::new(paths::SYS_DEV_BLOCK).join(format!("{major}:{minor}"));
@@ -873,7 +870,7 @@ impl Finder<'_> {
 
     /// An automount not yet triggered: the device `/etc/fstab` gives for it.
     fn trace_fstab(&self, label: &str, t: &mut Trace) {
-        let text = match fs::read(self.root.path(paths::ETC_FSTAB)) {
+        let text = match self.root.read_bytes(paths::ETC_FSTAB, TABLE_MAX) {
             Ok(b) => b,
             Err(e) => {
                 t.missing.push(format!(
@@ -913,7 +910,7 @@ impl Finder<'_> {
     /// Every active swap area, under the mount point [`SWAP`].
     fn trace_swaps(&self, table_ok: bool, out: &mut SystemDisks) {
         let path = self.root.path(paths::PROC_SWAPS);
-        let bytes = match fs::read(&path) {
+        let bytes = match self.root.read_bytes(paths::PROC_SWAPS, TABLE_MAX) {
             Ok(b) => b,
             // With /proc readable, no swaps file means a kernel built without swap.
             Err(e) if e.kind() == io::ErrorKind::NotFound && table_ok => return,
@@ -978,6 +975,7 @@ fn dev_numbers(rdev: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
 
     #[test]

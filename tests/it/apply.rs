@@ -332,7 +332,7 @@ fn commit_with(m: &FakeMachine, cfg: &str, undo: bool, w: &mut dyn Writer) -> an
         config_text: cfg,
         plan: &p,
     };
-    let host = Host::read(&root);
+    let host = Host::read(&root, mach.cmdline.as_deref());
     let ch = apply::compute(if undo { None } else { Some(&target) }, &mach, &host)?;
     apply::commit(&root, &ch, w)
 }
@@ -488,7 +488,7 @@ fn on_the_host_a_missing_kernel_cmdline_is_seeded_from_proc_cmdline_and_undo_rem
         config_text: GPU_AND_NIC,
         plan: &p,
     };
-    let mut host = Host::read(&root);
+    let mut host = Host::read(&root, mach.cmdline.as_deref());
     host.is_host = true;
     let ch = apply::compute(Some(&target), &mach, &host).expect("compute");
     let created = ch
@@ -506,7 +506,7 @@ fn on_the_host_a_missing_kernel_cmdline_is_seeded_from_proc_cmdline_and_undo_rem
 
     // Once written, undo takes the created file away again.
     apply::commit(&root, &ch, &mut AtomicWriter).expect("commit");
-    let mut host = Host::read(&root);
+    let mut host = Host::read(&root, mach.cmdline.as_deref());
     host.is_host = true;
     let ch = apply::compute(None, &mach, &host).expect("undo");
     let removed = ch
@@ -640,7 +640,8 @@ fn undo_says_removed_only_for_what_it_removed() {
     assert_eq!(m.run(&["apply"]).status.code(), Some(0));
     let root = Root::new(m.root());
     let mach = machine::discover(&root);
-    let ch = apply::compute(None, &mach, &Host::read(&root)).expect("undo");
+    let ch =
+        apply::compute(None, &mach, &Host::read(&root, mach.cmdline.as_deref())).expect("undo");
     assert!(ch.files.len() >= 3, "{:?}", ch.files);
     // The second removal fails (the intent state takes the first two calls: the
     // manifest, and the token list beside it).
