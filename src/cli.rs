@@ -130,7 +130,8 @@ pub enum Cmd {
     #[command(subcommand)]
     Initramfs(InitramfsCmd),
     /// Pack what vfio-early reads (PCI devices, IOMMU groups, drivers, cmdline,
-    /// CPU vendor, mounts, the config) into one archive for a bug report.
+    /// CPU vendor, mounts and swaps with the disks and NICs under them,
+    /// bootloader files, the config and state) into one archive for a bug report.
     DebugDump {
         /// Where to write the archive (a gzip-compressed cpio).
         #[arg(short, long, value_name = "FILE")]

@@ -8,6 +8,7 @@ mod bind;
 mod cli;
 mod config_errors;
 mod confine;
+mod dump;
 mod fake;
 mod fixtures;
 mod hostile;
