@@ -697,15 +697,16 @@ fn printing_fails_cleanly_on_a_full_disk_a_closed_stdout_and_a_broken_pipe() {
         );
         assert!(!err.contains("panicked"), "{cmd}: {err}");
     }
-    // A reader that goes away: a quiet exit, no panic, no message.
-    let mut child = std::process::Command::new(&bin)
+    // A reader that has gone away (its end of the pipe closed before the first write):
+    // a quiet exit, no panic, no message.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(&bin)
         .args(["--root", &root, "list", "--json"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }
