@@ -4,6 +4,8 @@
 
 use xshell::{cmd, Shell};
 
+use crate::progress;
+
 pub fn run_fake(sh: &Shell) -> anyhow::Result<()> {
     let tmp = sh.create_temp_dir()?;
     let root = tmp.path().join("workstation");
@@ -21,27 +23,46 @@ pub fn run_fake(sh: &Shell) -> anyhow::Result<()> {
 }
 
 /// The main job: scenario 4 (a GPU and its audio function) booted for real, and what
-/// `vfio-early list` and `status` printed inside the guest.
+/// `vfio-early list` and `status` printed inside the guest. One line per phase; the
+/// logs stay in files named at the end.
 pub fn run(sh: &Shell, project: &std::path::Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let path = project.join(DEMO_SCENARIO);
     let s = crate::scenario::load(&path)?;
-    eprintln!("demo: {}", s.description);
-    let runs = crate::boot_test::run_scenarios(sh, project, &[s], 1, false)?;
+    progress::line(&format!("demo: {}", s.description));
+    let runs = crate::matrix::run_scenarios(
+        sh,
+        project,
+        &[s],
+        1,
+        false,
+        crate::matrix::Extra {
+            list_and_status: true,
+            phase_lines: true,
+        },
+    )?;
     let run = runs
         .first()
         .ok_or_else(|| anyhow::anyhow!("the demo scenario did not run"))?;
-    for (title, section) in [("vfio-early list", "list"), ("vfio-early status", "status")] {
-        let (text, _) = run.report.with_exit(section);
-        println!("\n(guest) # {title}\n{text}");
+    if let Some(report) = run.report() {
+        for (title, section) in [("vfio-early list", "list"), ("vfio-early status", "status")] {
+            let (text, _) = report.with_exit(section);
+            progress::line(&format!("\n(guest) # {title}\n{text}"));
+        }
     }
+    progress::line(&format!(
+        "\ndemo: {}; logs in {} (serial.log, apply.log, prepare.log, qemu.log) and target/debian/*.log",
+        progress::secs(started.elapsed()),
+        run.dir.display()
+    ));
     if !run.failures.is_empty() {
         anyhow::bail!(
-            "the demo VM did not show what it should; logs in {}",
-            run.dir.display()
+            "the demo VM did not show what it should: {}",
+            run.failures.join("; ")
         );
     }
-    println!("\nThe GPU at 00:05.0 and its audio function at 00:05.1 are on vfio-pci;");
-    println!("the boot display at 00:01.0 kept its driver.");
+    progress::line("The GPU at 00:05.0 and its audio function at 00:05.1 are on vfio-pci;");
+    progress::line("the boot display at 00:01.0 kept its driver.");
     Ok(())
 }
 
