@@ -100,7 +100,7 @@ pub fn build(sh: &Shell, version: Option<&str>, lint: bool) -> anyhow::Result<Pa
 
 /// Every file of the tree a package build copies.
 fn package_files(sh: &Shell) -> anyhow::Result<Vec<String>> {
-    let files = cmd!(sh, "git ls-files -co --exclude-standard").read()?;
+    let files = cmd!(sh, "timeout 120 git ls-files -co --exclude-standard").read()?;
     Ok(files
         .lines()
         .filter(|f| !f.is_empty())

@@ -163,7 +163,7 @@ pub fn run(sh: &Shell, project: &Path) -> anyhow::Result<()> {
 
 /// The version the upgrade starts from: the changelog's, with `~prev` (sorts lower).
 fn upgrade_from_version(sh: &Shell) -> anyhow::Result<String> {
-    let v = cmd!(sh, "dpkg-parsechangelog -S Version")
+    let v = cmd!(sh, "timeout 60 dpkg-parsechangelog -S Version")
         .read()
         .context("dpkg-parsechangelog")?;
     Ok(format!("{}~prev", v.trim()))

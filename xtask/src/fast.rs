@@ -198,7 +198,7 @@ fn common_files(
     add("usr/sbin/vfio-early", Source::Host(bin.clone()), 0o755);
     // The shared libraries the binary links, at the paths the loader looks for.
     let bin_s = bin.display().to_string();
-    let ldd = cmd!(sh, "ldd {bin_s}").read().context("ldd")?;
+    let ldd = cmd!(sh, "timeout 60 ldd {bin_s}").read().context("ldd")?;
     for lib in ldd.split_whitespace().filter(|t| t.starts_with('/')) {
         let real = std::fs::canonicalize(lib).with_context(|| format!("resolving {lib}"))?;
         add(lib.trim_start_matches('/'), Source::Host(real), 0o755);

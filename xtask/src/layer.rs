@@ -78,6 +78,7 @@ pub struct Layers<'a> {
     project: &'a Path,
     deb: &'a Path,
     slots: Vec<((Distro, Generator), Slot)>,
+    claimed: Mutex<std::collections::BTreeSet<(Distro, Generator)>>,
 }
 
 impl<'a> Layers<'a> {
@@ -89,6 +90,7 @@ impl<'a> Layers<'a> {
             project,
             deb,
             slots: keys.into_iter().map(|k| (k, Mutex::new(None))).collect(),
+            claimed: Mutex::new(Default::default()),
         }
     }
 
@@ -98,10 +100,23 @@ impl<'a> Layers<'a> {
         let Some((_, slot)) = self.slots.iter().find(|(k, _)| *k == (distro, generator)) else {
             return State::Ready;
         };
+        let claimed = self
+            .claimed
+            .lock()
+            .map(|c| c.contains(&(distro, generator)))
+            .unwrap_or(true);
         match slot.try_lock() {
             Ok(g) if g.is_some() => State::Ready,
-            Ok(_) => State::NotStarted,
-            Err(_) => State::Busy,
+            Ok(_) if !claimed => State::NotStarted,
+            _ => State::Busy,
+        }
+    }
+
+    /// Marks a layer as taken by a worker that is about to make it, so the others
+    /// pick another scenario meanwhile.
+    pub fn claim(&self, distro: Distro, generator: Generator) {
+        if let Ok(mut c) = self.claimed.lock() {
+            c.insert((distro, generator));
         }
     }
 

@@ -162,7 +162,9 @@ pub fn run_scenarios(
                         .position(|s| state(s) == LayerState::Ready)
                         .or_else(|| q.iter().position(|s| state(s) == LayerState::NotStarted))
                         .unwrap_or(0);
-                    (pos < q.len()).then(|| q.remove(pos))
+                    let s = (pos < q.len()).then(|| q.remove(pos))?;
+                    layers.claim(s.distro, s.generator);
+                    Some(s)
                 });
                 let Some(s) = next else { break };
                 let run = run_one(&work, layers, &s, keep, extra);

@@ -89,6 +89,13 @@ impl Times {
         self.spans.insert(p, d);
     }
 
+    /// Sets `p` to the span from `from` to `to` seconds, when that is not negative.
+    pub fn between(&mut self, p: Phase, from: f64, to: f64) {
+        if let Ok(d) = Duration::try_from_secs_f64(to - from) {
+            self.set(p, d);
+        }
+    }
+
     pub fn note(&mut self, p: Phase, text: &str) {
         self.notes.insert(p, text.to_string());
     }
@@ -133,10 +140,6 @@ fn last(kmsg: &[String], needle: &str) -> Option<f64> {
         .and_then(|l| kmsg_seconds(l))
 }
 
-fn span(from: f64, to: f64) -> Option<Duration> {
-    Duration::try_from_secs_f64(to - from).ok()
-}
-
 /// The guest phases of one boot from its kernel log (the probe's `kmsg` section), its
 /// serial lines with their host arrival times, and QEMU's wall time. A phase whose
 /// marker is missing is left out; without systemd (the fast tier) the initramfs stage
@@ -155,16 +158,16 @@ pub fn guest(kmsg: &[String], serial: &[(Duration, String)], total: Duration) ->
     }
     match (init, systemd, start) {
         (Some(i), Some(s), Some(p)) => {
-            span(i, s).map(|d| t.set(Phase::Initramfs, d));
-            span(s, p).map(|d| t.set(Phase::Userspace, d));
+            t.between(Phase::Initramfs, i, s);
+            t.between(Phase::Userspace, s, p);
         }
         (Some(i), None, Some(p)) => {
-            span(i, p).map(|d| t.set(Phase::Initramfs, d));
+            t.between(Phase::Initramfs, i, p);
         }
         _ => {}
     }
     if let (Some(s), Some(e)) = (start, end) {
-        span(s, e).map(|d| t.set(Phase::Probe, d));
+        t.between(Phase::Probe, s, e);
     }
     // The kernel's clock zero on the host clock, from the earliest serial line that
     // carries a kernel timestamp and a mark (the kernel prints the start mark on the
@@ -177,11 +180,11 @@ pub fn guest(kmsg: &[String], serial: &[(Duration, String)], total: Duration) ->
             .and_then(|(at, l)| Some((at.as_secs_f64(), kmsg_seconds(l)?)))
     };
     if let Some((host, ts)) = stamped(PROBE_START).or_else(|| stamped(PROBE_END)) {
-        span(0.0, host - ts).map(|d| t.set(Phase::Firmware, d));
+        t.between(Phase::Firmware, 0.0, host - ts);
     }
     // Power-off: from the end mark's line to QEMU's exit, on the host clock.
     if let Some((host, _)) = stamped(PROBE_END) {
-        span(host, total.as_secs_f64()).map(|d| t.set(Phase::Poweroff, d));
+        t.between(Phase::Poweroff, host, total.as_secs_f64());
     }
     t
 }

@@ -73,7 +73,11 @@ pub fn command(b: &Boot) -> Command {
     };
     c.args(["-M", &machine, "-accel", accel(), "-cpu", cpu, "-smp", "1"])
         .args(["-m", &b.memory_mib.to_string()])
-        .args(["-display", "none", "-nic", "none", "-no-reboot"])
+        // No default devices (CD-ROM, parallel port, NIC): each is a driver to probe
+        // and udev events at every boot, and no scenario uses them. The standard VGA
+        // stays (the boot display at 00:01.0); a scenario's own `-vga` overrides it.
+        .args(["-nodefaults", "-vga", "std"])
+        .args(["-display", "none", "-no-reboot"])
         .args(["-monitor", "none", "-serial", "stdio"]);
     match b.iommu {
         Iommu::Intel => {

@@ -161,7 +161,11 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
 
 /// Every tracked file that is a POSIX sh or bash script, by shebang.
 fn shell_scripts(sh: &Shell) -> anyhow::Result<Vec<String>> {
-    let files = cmd!(sh, "git ls-files --cached --others --exclude-standard").read()?;
+    let files = cmd!(
+        sh,
+        "timeout 120 git ls-files --cached --others --exclude-standard"
+    )
+    .read()?;
     Ok(files
         .lines()
         .filter(|f| {
