@@ -25,8 +25,9 @@ const PROBE_TARGET: &str = "tests/boot/vfio-early-probe.target";
 
 /// Runs in the layer after the package is installed and the probe's units are in
 /// place. Nothing here touches what the tests prove (the kernel and its modules, the
-/// initramfs generator, the package's files, udev's coldplug); it removes work nobody
-/// looks at, which under TCG costs seconds a boot.
+/// initramfs generator, the package's files); it removes work nobody looks at, which
+/// under TCG costs seconds a boot. (The probe's unit, for its part, waits for udev's
+/// coldplug of the PCI devices only.)
 pub const TRIM: &str = r#"
 set -e
 # A TCG guest on a loaded host can miss the kernel's timer check and panic ("timer

@@ -113,7 +113,8 @@ enum Task {
         /// Guests booted at once (each takes 1 GiB and a core).
         #[arg(long, default_value_t = 2)]
         jobs: usize,
-        /// Keep every scenario's disk image under target/boot-test/.
+        /// Keep every boot's overlay disk under target/boot-test/ (prepared disks
+        /// stay anyway, as a cache).
         #[arg(long)]
         keep: bool,
         /// The early binder alone in a minimal initramfs the harness writes

@@ -23,7 +23,8 @@ use crate::{disk, expect, image, progress};
 pub struct Options {
     pub scenarios: Vec<PathBuf>,
     pub jobs: usize,
-    /// Keep every scenario's disk image, not only those of failures.
+    /// Keep every boot's overlay disk, not only those of failures (the prepared
+    /// disks are kept anyway, as a cache).
     pub keep: bool,
 }
 
@@ -153,14 +154,15 @@ pub fn run_scenarios(
             let layers = &layers;
             let work = work.clone();
             scope.spawn(move || loop {
-                // A scenario whose layer is ready first, then one whose layer nobody
-                // makes yet (so a cold run makes two layers at once), else wait.
+                // A scenario whose layer nobody makes yet first (a cold run starts
+                // every layer as early as it can, while the other workers boot), then
+                // one whose layer is ready, else wait for a layer being made.
                 let next = queue.lock().ok().and_then(|mut q| {
                     let state = |s: &Scenario| layers.state(s.distro, s.generator);
                     let pos = q
                         .iter()
-                        .position(|s| state(s) == LayerState::Ready)
-                        .or_else(|| q.iter().position(|s| state(s) == LayerState::NotStarted))
+                        .position(|s| state(s) == LayerState::NotStarted)
+                        .or_else(|| q.iter().position(|s| state(s) == LayerState::Ready))
                         .unwrap_or(0);
                     let s = (pos < q.len()).then(|| q.remove(pos))?;
                     layers.claim(s.distro, s.generator);

@@ -65,7 +65,9 @@ impl Phase {
             Phase::Layer => "package + probe installed in the cached base image",
             Phase::Apply => "tree copied, config, setup, `vfio-early apply`",
             Phase::Disk => "the scenario's root disk",
-            Phase::Firmware => "QEMU start to the kernel's clock zero (firmware, loader)",
+            Phase::Firmware => {
+                "QEMU start to the kernel's clock zero (firmware, loader, decompression)"
+            }
             Phase::Kernel => "kernel to `Run /init`",
             Phase::Initramfs => "initramfs stage, to systemd on the root",
             Phase::Userspace => "systemd to the probe's start",
