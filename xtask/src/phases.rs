@@ -62,7 +62,7 @@ impl Phase {
     /// What the phase spans, for tables.
     pub fn what(self) -> &'static str {
         match self {
-            Phase::Layer => "package + probe installed in the cached base image",
+            Phase::Layer => "base image (debootstrap unless cached), package, probe",
             Phase::Apply => "tree copied, config, setup, `vfio-early apply`",
             Phase::Disk => "the scenario's root disk",
             Phase::Firmware => {
