@@ -106,6 +106,9 @@ impl Phase {
     /// Ends the phase with its line: label, elapsed time, `summary`.
     pub fn done(self, summary: &str) -> Duration {
         let took = self.started.elapsed();
+        if let Ok(mut st) = STATE.lock() {
+            st.running.retain(|r| r.id != self.id);
+        }
         line(&format!("{:<28} {:>7}  {summary}", self.label, secs(took)));
         took
     }
