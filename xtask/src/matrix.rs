@@ -170,7 +170,11 @@ pub fn run_scenarios(
                 });
                 let Some(s) = next else { break };
                 let run = run_one(&work, layers, &s, keep, extra);
-                print_line(&run);
+                // With a line per phase (the demo) the scenario's own line would repeat
+                // them; a failure is still told.
+                if !extra.phase_lines || !run.failures.is_empty() {
+                    print_line(&run);
+                }
                 if let Ok(mut r) = results.lock() {
                     r.push(run);
                 }
