@@ -20,7 +20,7 @@ use crate::tools;
 fn pick_kernel_package(sh: &Shell) -> anyhow::Result<String> {
     let out = cmd!(
         sh,
-        "apt-cache search --names-only ^linux-image-6\\.1\\.0-[0-9]+-amd64$"
+        "timeout 120 apt-cache search --names-only ^linux-image-6\\.1\\.0-[0-9]+-amd64$"
     )
     .read()?;
     let mut names: Vec<(u32, String)> = out
@@ -71,7 +71,7 @@ fn prepare(sh: &Shell, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf,
     if !main.exists() {
         eprintln!("xtask: bench: packing the main archive with GNU cpio");
         let _d = sh.push_dir(&tree);
-        let list = cmd!(sh, "find .").read()?;
+        let list = cmd!(sh, "timeout 300 find .").read()?;
         let mut names: Vec<&str> = list.lines().collect();
         names.sort_unstable();
         let names = names.join("\n") + "\n";
@@ -173,10 +173,18 @@ pub fn run(sh: &Shell, root: &Path, runs: u32) -> anyhow::Result<()> {
             "xtask: bench: cargo install threecpio into {}",
             tools_root.display()
         );
-        cmd!(sh, "cargo install --locked --root {tools_root} threecpio").run()?;
+        cmd!(
+            sh,
+            "timeout 1800 cargo install --locked --root {tools_root} threecpio"
+        )
+        .run()?;
     }
     eprintln!("xtask: bench: cargo build --release");
-    cmd!(sh, "cargo build --release --quiet --bin vfio-early").run()?;
+    cmd!(
+        sh,
+        "timeout 1800 cargo build --release --quiet --bin vfio-early"
+    )
+    .run()?;
     let ours = root.join("target/release/vfio-early");
     let (img_gz, img_zst, gz, zst) = prepare(sh, &dir)?;
 

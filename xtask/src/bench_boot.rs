@@ -1,19 +1,31 @@
-//! The boot half of `cargo xtask bench`: what vfio-early costs a real boot, from one run
-//! of the boot harness. Scenario 1's image is booted twice, with vfio-early and with
-//! `vfio_early=off` on the command line (the same image, the same run), and the kernel
-//! log timestamps give the initramfs stage (`Run /init` to the root filesystem mounted)
-//! and the early bind's own span (first to last `vfio-early:` line). The bytes
-//! vfio-early adds to the compressed initramfs are measured on the same images: the
-//! initramfs before the package was installed against the one `apply` built, less what
-//! the vfio modules take.
+//! The boot half of `cargo xtask bench`, from one run of the boot harness:
+//! - where a boot's time goes: scenario 1's image booted with vfio-early and with
+//!   `vfio_early=off` (`--boots` each; `--matrix` adds every scenario), the phase table
+//!   of those boots, and their median guest time (QEMU start to exit) against a bare
+//!   reference boot measured in the same run: the same kernel and initramfs, the same
+//!   machine, booted only to its first userspace process (`rdinit=` a program that
+//!   powers off at once);
+//! - what vfio-early costs a boot: the initramfs stage (`Run /init` to the root
+//!   filesystem mounted) with and without it, and the early bind's own span (first to
+//!   last `vfio-early:` line);
+//! - the bytes vfio-early adds to the compressed initramfs: the initramfs before the
+//!   package was installed against the one `apply` built, less what the vfio modules
+//!   take.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use xshell::Shell;
 
+use crate::matrix::Run;
+use crate::phases::{self, Times};
 use crate::qemu::Report;
-use crate::scenario;
+use crate::{progress, qemu, scenario};
+
+/// The bare reference's first userspace process: klibc's `poweroff`, which every
+/// initramfs-tools image carries.
+const BARE_INIT: &str = "/bin/poweroff";
 
 const SCENARIO: &str = "tests/boot/scenarios/01-intel-nic-by-id.toml";
 
@@ -35,10 +47,8 @@ fn last_stamp(report: &Report, needle: &str) -> Option<f64> {
         .and_then(|l| kmsg_seconds(l))
 }
 
-/// `[    6.127671] text` → 6.127671
-pub fn kmsg_seconds(line: &str) -> Option<f64> {
-    let inner = line.trim_start().strip_prefix('[')?;
-    inner.split(']').next()?.trim().parse().ok()
+fn kmsg_seconds(line: &str) -> Option<f64> {
+    phases::kmsg_seconds(line)
 }
 
 struct Stage {
@@ -80,7 +90,7 @@ fn stage_of(report: &Report) -> anyhow::Result<Stage> {
     })
 }
 
-pub fn run(sh: &Shell, project: &Path, boots: usize) -> anyhow::Result<()> {
+pub fn run(sh: &Shell, project: &Path, boots: usize, matrix: bool) -> anyhow::Result<()> {
     let base = scenario::load(&project.join(SCENARIO))?;
     let mut list = Vec::new();
     for i in 0..boots {
@@ -100,59 +110,36 @@ pub fn run(sh: &Shell, project: &Path, boots: usize) -> anyhow::Result<()> {
         list.push(with);
         list.push(without);
     }
-    let runs = crate::boot_test::run_scenarios(sh, project, &list, 2, true)?;
-    let mut with = Vec::new();
-    let mut without = Vec::new();
+    if matrix {
+        list.extend(scenario::load_dir(&project.join("tests/boot/scenarios"))?);
+    }
+    let runs = crate::matrix::run_scenarios(sh, project, &list, 2, true, Default::default())?;
     for r in &runs {
         if !r.failures.is_empty() {
             anyhow::bail!("bench boot {} failed: {:?}", r.name, r.failures);
         }
-        let s = stage_of(&r.report)?;
-        if r.name.starts_with("with-") {
-            with.push(s);
-        } else {
-            without.push(s);
-        }
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let with_stage = mean(&with.iter().map(|s| s.stage).collect::<Vec<_>>());
-    let without_stage = mean(&without.iter().map(|s| s.stage).collect::<Vec<_>>());
-    let bind = mean(&with.iter().filter_map(|s| s.bind).collect::<Vec<_>>());
-    println!();
-    println!("boot (TCG, Debian 12, initramfs-tools; {boots} boot(s) each, same run):");
-    println!(
-        "  initramfs stage, with vfio-early:     {with_stage:>7.3} s  ({})",
-        list_secs(&with)
-    );
-    println!(
-        "  initramfs stage, vfio_early=off:      {without_stage:>7.3} s  ({})",
-        list_secs(&without)
-    );
-    println!(
-        "  difference:                           {:>7.3} s  = {:.1}% of the stage (target < 2%)",
-        with_stage - without_stage,
-        100.0 * (with_stage - without_stage) / without_stage.max(1e-9)
-    );
-    println!(
-        "  early bind span (first..last line):   {bind:>7.3} s  = {:.1}% of the stage",
-        100.0 * bind / with_stage.max(1e-9)
-    );
-    let modprobe = mean(&with.iter().filter_map(|s| s.modprobe).collect::<Vec<_>>());
-    println!(
-        "    of which `modprobe vfio-pci`:        {modprobe:>7.3} s  (the module load any vfio host pays)"
-    );
-    println!(
-        "    the rest, vfio-early's own work:     {:>7.3} s  = {:.1}% of the stage",
-        bind - modprobe,
-        100.0 * (bind - modprobe) / with_stage.max(1e-9)
-    );
-
-    // Bytes: the base image's initramfs (no package) against the one apply built.
     let first = runs
         .iter()
         .find(|r| r.name.starts_with("with-"))
         .context("no boot with vfio-early")?;
-    let dir = project.join("target/boot-test").join(&first.name);
+    let bare = bare_boots(project, first, boots.max(1))?;
+    print_phases(&runs, &bare);
+    let with: Vec<Stage> = runs
+        .iter()
+        .filter(|r| r.name.starts_with("with-"))
+        .filter_map(Run::report)
+        .map(stage_of)
+        .collect::<anyhow::Result<_>>()?;
+    let without: Vec<Stage> = runs
+        .iter()
+        .filter(|r| r.name.starts_with("without-"))
+        .filter_map(Run::report)
+        .map(stage_of)
+        .collect::<anyhow::Result<_>>()?;
+    print_overhead(boots, &with, &without);
+    // Bytes: the base image's initramfs (no package) against the one apply built.
+    let dir = &first.dir;
     let after = std::fs::metadata(dir.join("initrd.img"))?.len();
     let base_tree = crate::image::ensure_base(
         project,
@@ -164,24 +151,180 @@ pub fn run(sh: &Shell, project: &Path, boots: usize) -> anyhow::Result<()> {
     let before = std::fs::metadata(&before_path)?.len();
     let vfio_before = vfio_files(&before_path)?;
     let vfio_after = vfio_files(&dir.join("initrd.img"))?;
-    println!(
+    progress::line(&format!(
         "  compressed initramfs: {} bytes before the package, {} after apply: +{} bytes",
         before,
         after,
         after as i64 - before as i64
-    );
+    ));
     if vfio_before == vfio_after {
-        println!(
+        progress::line(&format!(
             "  vfio module files in the image: {vfio_after}, before and after (MODULES=most \
              carries them already), so all of the growth is vfio-early's (target < 1 MiB)"
-        );
+        ));
     } else {
-        println!(
+        progress::line(&format!(
             "  vfio module files in the image: {vfio_before} before, {vfio_after} after; the \
              growth includes those modules (target for vfio-early's own bytes < 1 MiB)"
-        );
+        ));
     }
     Ok(())
+}
+
+/// Boots the kernel and initramfs of `like` (its machine, devices and command line)
+/// `n` times, two at a time like the scenarios, to the first userspace process only.
+fn bare_boots(project: &Path, like: &Run, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let s = scenario::load(&project.join(SCENARIO))?;
+    let append = format!(
+        "{} rdinit={BARE_INIT}",
+        std::fs::read_to_string(like.dir.join("cmdline"))?.trim()
+    );
+    let kernel = like.dir.join("vmlinuz");
+    let initrd = like.dir.join("initrd.img");
+    let dir = project.join("target/bench/boot/bare");
+    std::fs::create_dir_all(&dir)?;
+    let mut out = Vec::new();
+    for pair in (0..n).collect::<Vec<_>>().chunks(2) {
+        let results: Vec<anyhow::Result<Duration>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|i| {
+                    let (s, kernel, initrd, append, dir) = (&s, &kernel, &initrd, &append, &dir);
+                    scope.spawn(move || {
+                        let phase = progress::start(
+                            &format!("bare-{i}"),
+                            "booting to the first userspace process",
+                        );
+                        let o = qemu::run(
+                            &qemu::Boot {
+                                loader: qemu::Loader::Direct {
+                                    kernel,
+                                    initrd,
+                                    append,
+                                },
+                                disk: None,
+                                iommu: s.iommu,
+                                devices: &s.devices,
+                                extra: &s.qemu_args,
+                                serial_log: &dir.join(format!("serial-{i}.log")),
+                                timeout: Duration::from_secs(300),
+                                memory_mib: 1024,
+                            },
+                            &dir.join(format!("qemu-{i}.log")),
+                            Some(&phase),
+                        )?;
+                        if o.timed_out {
+                            anyhow::bail!("the bare boot did not power off within 300 s");
+                        }
+                        phase.done("bare reference: QEMU start to exit");
+                        Ok(o.elapsed)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a boot thread panicked")))
+                })
+                .collect()
+        });
+        for r in results {
+            out.push(r?);
+        }
+    }
+    Ok(out)
+}
+
+/// The phase table of the boots and their median guest time against the bare one.
+fn print_phases(runs: &[Run], bare: &[Duration]) {
+    let all: Vec<Times> = runs.iter().map(Run::times).collect();
+    progress::line("");
+    progress::line(&format!(
+        "boot phases (TCG, {} boots, 2 at a time, same run):",
+        all.len()
+    ));
+    for l in phases::table(&all.iter().collect::<Vec<_>>()) {
+        progress::line(&format!("  {l}"));
+    }
+    let secs = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let bare: Vec<f64> = bare.iter().map(Duration::as_secs_f64).collect();
+    let bare_median = phases::median(&bare);
+    progress::line(&format!(
+        "  bare reference (same kernel and initramfs to its first userspace process): median {bare_median:.1} s ({})",
+        secs(&bare)
+    ));
+    for (label, pick) in [
+        ("with vfio-early", "with-"),
+        ("vfio_early=off", "without-"),
+        ("scenarios", ""),
+    ] {
+        let guests: Vec<f64> = runs
+            .iter()
+            .filter(|r| {
+                if pick.is_empty() {
+                    !r.name.starts_with("with") && !r.name.starts_with("without")
+                } else {
+                    r.name.starts_with(pick)
+                }
+            })
+            .map(|r| r.times().guest.as_secs_f64())
+            .collect();
+        if guests.is_empty() {
+            continue;
+        }
+        let m = phases::median(&guests);
+        progress::line(&format!(
+            "  {label:<16} median {m:.1} s = {:.2}x the bare boot (target <= 2x)  ({})",
+            m / bare_median.max(1e-9),
+            secs(&guests)
+        ));
+    }
+}
+
+fn print_overhead(boots: usize, with: &[Stage], without: &[Stage]) {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let with_stage = mean(&with.iter().map(|s| s.stage).collect::<Vec<_>>());
+    let without_stage = mean(&without.iter().map(|s| s.stage).collect::<Vec<_>>());
+    let bind = mean(&with.iter().filter_map(|s| s.bind).collect::<Vec<_>>());
+    let modprobe = mean(&with.iter().filter_map(|s| s.modprobe).collect::<Vec<_>>());
+    let pct = |x: f64| 100.0 * x / with_stage.max(1e-9);
+    for l in [
+        String::new(),
+        format!("vfio-early's cost (TCG, Debian 12, initramfs-tools; {boots} boot(s) each, same run):"),
+        format!(
+            "  initramfs stage, with vfio-early:     {with_stage:>7.3} s  ({})",
+            list_secs(with)
+        ),
+        format!(
+            "  initramfs stage, vfio_early=off:      {without_stage:>7.3} s  ({})",
+            list_secs(without)
+        ),
+        format!(
+            "  difference:                           {:>7.3} s  = {:.1}% of the stage (target < 2%)",
+            with_stage - without_stage,
+            100.0 * (with_stage - without_stage) / without_stage.max(1e-9)
+        ),
+        format!(
+            "  early bind span (first..last line):   {bind:>7.3} s  = {:.1}% of the stage",
+            pct(bind)
+        ),
+        format!(
+            "    of which `modprobe vfio-pci`:        {modprobe:>7.3} s  (the module load any vfio host pays)"
+        ),
+        format!(
+            "    the rest, vfio-early's own work:     {:>7.3} s  = {:.1}% of the stage",
+            bind - modprobe,
+            pct(bind - modprobe)
+        ),
+    ] {
+        progress::line(&l);
+    }
 }
 
 fn list_secs(v: &[Stage]) -> String {

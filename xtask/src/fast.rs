@@ -2,8 +2,9 @@
 //! harness writes a minimal initramfs itself with the `cpio` crate: busybox-static, our
 //! binary (with the shared libraries it links), the Debian 12 kernel's vfio modules and
 //! the drivers of the emulated devices (from the cached base image), the scenario's
-//! config, and an `/init` that runs `vfio-early bind --early`, then loads drivers for
-//! every device as udev would, prints the probe report and powers off.
+//! config, the boot tests' probe (tests/boot/probe.sh, binder sections only) and an
+//! `/init` that runs `vfio-early bind --early`, then loads drivers for every device as
+//! udev would, then the probe, which reports and powers off.
 //!
 //! Only what the early binder decides is checked (drivers, kernel log, `/dev/vfio`,
 //! modules): no bootloader, no generator, no `status`. Scenarios that need those
@@ -20,6 +21,7 @@ use cpio::newc::{Builder, ModeFileType};
 use xshell::{cmd, Shell};
 
 use crate::image;
+use crate::progress;
 use crate::qemu;
 use crate::scenario::{ApplyIn, Distro, Generator, Scenario};
 
@@ -34,6 +36,9 @@ const DRIVERS: &[&str] = &[
     "snd_hda_intel",
 ];
 
+/// The fast tier's `/init`: the early binder, then what udev would do, then the boot
+/// tests' own probe (tests/boot/probe.sh, the same report as every boot), which powers
+/// off.
 const INIT: &str = r#"#!/bin/sh
 # vfio-early fast tier: the early binder alone, then what udev would do.
 /bin/busybox --install -s /bin
@@ -44,21 +49,7 @@ vfio-early bind --early
 for d in /sys/bus/pci/devices/*; do
     modprobe -q "$(cat "$d/modalias")" 2>/dev/null
 done
-dmesg -n 1
-{
-    echo "== cmdline"; cat /proc/cmdline
-    echo "== drivers"
-    for dev in /sys/bus/pci/devices/*; do
-        drv=none
-        [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
-        echo "$(basename "$dev") $(cat "$dev/vendor") $(cat "$dev/device") $drv"
-    done
-    echo "== modules"; cut -d' ' -f1 /proc/modules | sort
-    echo "== vfio-dev"; ls /dev/vfio 2>&1
-    echo "== kmsg"; dmesg | grep -E 'vfio|DMAR|AMD-Vi|Run /init'
-    echo "== end"
-} 2>&1 | sed 's/^/@@ /' > /dev/ttyS0
-poweroff -f
+exec /bin/sh /usr/local/sbin/vfio-early-probe
 "#;
 
 /// Why a scenario cannot run in the fast tier, if it cannot.
@@ -84,42 +75,58 @@ pub fn run(sh: &Shell, project: &Path, scenarios: &[Scenario]) -> anyhow::Result
             ("debootstrap", "debootstrap"),
         ],
     )?;
-    cmd!(sh, "cargo build --quiet --release --bin vfio-early").run()?;
+    let work = project.join("target/boot-test/fast");
+    let phase = progress::start("fast: cargo build --release", "the binary");
+    crate::command::run(
+        std::process::Command::new("cargo")
+            .args(["build", "--release", "--bin", "vfio-early"])
+            .current_dir(project),
+        &work.join("build.log"),
+        Duration::from_secs(1800),
+    )?;
+    drop(phase);
     let base = image::ensure_base(project, Distro::Bookworm, Generator::InitramfsTools)?;
     let release = image::kernel_release(&base)?;
-    let work = project.join("target/boot-test/fast");
     std::fs::create_dir_all(&work)?;
     let common = common_files(sh, project, &base, &release)?;
 
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for s in scenarios {
         if let Some(why) = unsupported(s) {
-            println!("SKIP  {:<34} {why}", s.name());
+            progress::line(&format!("SKIP  {:<30} {why}", s.name()));
             skipped += 1;
             continue;
         }
         let started = Instant::now();
         let dir = work.join(s.name());
         std::fs::create_dir_all(&dir)?;
-        let failures =
-            boot_one(&dir, &base, &release, &common, s).unwrap_or_else(|e| vec![format!("{e:#}")]);
-        let secs = started.elapsed().as_secs_f64();
+        let phase = progress::start(&s.name(), "booting the early binder alone");
+        let (failures, times) = boot_one(&dir, &base, &release, &common, s)
+            .unwrap_or_else(|e| (vec![format!("{e:#}")], Default::default()));
+        drop(phase);
+        let took = progress::secs(started.elapsed());
         if failures.is_empty() {
-            println!("PASS  {:<34} {secs:>6.1} s", s.name());
+            progress::line(&format!(
+                "PASS  {:<30} {took:>7}  {}",
+                s.name(),
+                times.line()
+            ));
             passed += 1;
         } else {
-            println!(
-                "FAIL  {:<34} {secs:>6.1} s  log: {}",
+            progress::line(&format!(
+                "FAIL  {:<30} {took:>7}  log: {}",
                 s.name(),
                 dir.join("serial.log").display()
-            );
+            ));
             for f in &failures {
-                println!("      - {f}");
+                progress::line(&format!("      - {f}"));
             }
             failed += 1;
         }
     }
-    println!("{passed} passed, {failed} failed, {skipped} skipped (fast tier)");
+    progress::line(&format!(
+        "{passed} passed, {failed} failed, {skipped} skipped (fast tier)"
+    ));
     if failed > 0 {
         bail!("{failed} fast boot scenario(s) failed");
     }
@@ -174,13 +181,24 @@ fn common_files(
         add(&format!("{d}/.keep"), Source::Bytes(Vec::new()), 0o644);
     }
     add("init", Source::Bytes(INIT.as_bytes().to_vec()), 0o755);
+    add(
+        "usr/local/sbin/vfio-early-probe",
+        Source::Host(project.join("tests/boot/probe.sh")),
+        0o755,
+    );
+    // Only what the binder decides: no list, no status (no /boot, no package here).
+    add(
+        "etc/vfio-early-probe/binder-only",
+        Source::Bytes(Vec::new()),
+        0o644,
+    );
     add("bin/busybox", Source::Host("/bin/busybox".into()), 0o755);
     add("bin/sh", Source::Link("busybox".into()), 0o777);
     let bin = project.join("target/release/vfio-early");
     add("usr/sbin/vfio-early", Source::Host(bin.clone()), 0o755);
     // The shared libraries the binary links, at the paths the loader looks for.
     let bin_s = bin.display().to_string();
-    let ldd = cmd!(sh, "ldd {bin_s}").read().context("ldd")?;
+    let ldd = cmd!(sh, "timeout 60 ldd {bin_s}").read().context("ldd")?;
     for lib in ldd.split_whitespace().filter(|t| t.starts_with('/')) {
         let real = std::fs::canonicalize(lib).with_context(|| format!("resolving {lib}"))?;
         add(lib.trim_start_matches('/'), Source::Host(real), 0o755);
@@ -235,7 +253,7 @@ fn boot_one(
     release: &str,
     common: &[Entry],
     s: &Scenario,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<(Vec<String>, crate::phases::Times)> {
     let initrd = dir.join("initrd.cpio");
     let mut w = std::io::BufWriter::new(std::fs::File::create(&initrd)?);
     let config = Entry {
@@ -270,16 +288,22 @@ fn boot_one(
     w.flush()?;
     drop(w);
 
-    let mut append = vec!["console=ttyS0".to_string(), "quiet".to_string()];
+    let mut append = vec![
+        "console=ttyS0".to_string(),
+        "no_timer_check".to_string(),
+        "quiet".to_string(),
+    ];
     append.extend(s.expect.cmdline.iter().cloned());
     let append = append.join(" ");
     let serial = dir.join("serial.log");
     let kernel = base.join(format!("boot/vmlinuz-{release}"));
     let outcome = qemu::run(
         &qemu::Boot {
-            kernel: &kernel,
-            initrd: &initrd,
-            append: &append,
+            loader: qemu::Loader::Direct {
+                kernel: &kernel,
+                initrd: &initrd,
+                append: &append,
+            },
             disk: None,
             iommu: s.iommu,
             devices: &s.devices,
@@ -289,15 +313,25 @@ fn boot_one(
             memory_mib: 512,
         },
         &dir.join("qemu.log"),
+        None,
     )?;
-    let report = qemu::read_report(&serial);
+    let text: String = outcome
+        .serial
+        .iter()
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let report = qemu::parse_report(&text);
+    let times = crate::phases::guest(report.section("kmsg"), &outcome.serial, outcome.elapsed);
     let mut failures = Vec::new();
+    if let Some(line) = &outcome.panic {
+        failures.push(format!("the guest kernel panicked: {line}"));
+    }
     if outcome.timed_out {
         failures.push("the guest did not power off within 120 s".into());
     }
     if !report.complete {
         failures.push("the report is missing or cut off (see serial.log)".into());
-        return Ok(failures);
+        return Ok((failures, times));
     }
     // Only what the early binder decides: no status, no apply in the fast tier.
     let mut only_binder = s.clone();
@@ -305,6 +339,6 @@ fn boot_one(
     only_binder.expect.status_verdict = None;
     only_binder.expect.status_output.clear();
     only_binder.expect.apply_output.clear();
-    failures.extend(crate::boot_test::check_report(&only_binder, &report));
-    Ok(failures)
+    failures.extend(crate::expect::check_report(&only_binder, &report));
+    Ok((failures, times))
 }

@@ -5,21 +5,22 @@
 //! never spoil the cache:
 //! 1. base (cached, keyed by distro, initramfs generator and package set):
 //!    debootstrap + kernel + the boot plumbing every scenario needs;
-//! 2. per run and base: the freshly built .deb installed with `apt install ./...deb`
-//!    and the harness's probe unit;
-//! 3. per scenario: the config written, `vfio-early apply` run, an ext4 disk made.
+//! 2. per package and base (`layer`, cached too): the .deb installed with
+//!    `apt install ./...deb`, the harness's probe and its units, the guest trimmed;
+//! 3. per scenario (`matrix`): the config written, `vfio-early apply` run; then its
+//!    disk (`disk`).
 //!
 //! Nothing is mounted into the trees: the chroot commands see no host `/proc` or
 //! `/sys`, so `apply` cannot read the build machine's devices (scenarios name the
 //! IOMMU vendor), and a failed run leaves no mount behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::command;
 use crate::scenario::{Distro, Generator};
 
 /// The filesystem UUID of every test root disk; the grub-probe shim reports it.
@@ -209,63 +210,13 @@ pub fn chroot_status(
         .arg("sh")
         .arg("-ec")
         .arg(script);
-    run_logged_status(&mut cmd, log, limit)
-}
-
-/// Runs a host command with its output appended to `log`, killed after `limit`;
-/// fails unless it exits 0.
-pub fn run_logged(cmd: &mut Command, log: &Path, limit: Duration) -> anyhow::Result<()> {
-    match run_logged_status(cmd, log, limit)? {
-        Some(0) => Ok(()),
-        code => bail!(
-            "{:?} failed (exit {code:?}); see {}",
-            cmd.get_program(),
-            log.display()
-        ),
-    }
-}
-
-/// Runs a command under `timeout`, its output appended to `log`; the exit code, `None`
-/// when it was killed.
-fn run_logged_status(
-    cmd: &mut Command,
-    log: &Path,
-    limit: Duration,
-) -> anyhow::Result<Option<i32>> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    writeln!(f, "\n### {cmd:?}")?;
-    let mut wrapped = Command::new("timeout");
-    wrapped
-        .arg("-k5")
-        .arg(limit.as_secs().to_string())
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .stdin(Stdio::null())
-        .stdout(f.try_clone()?)
-        .stderr(f);
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => wrapped.env(k, v),
-            None => wrapped.env_remove(k),
-        };
-    }
-    let status = wrapped
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    Ok(match status.code() {
-        Some(124) | Some(137) | None => None,
-        c => c,
-    })
+    command::status(&mut cmd, log, limit)
 }
 
 /// Copies a tree, preserving everything (`cp -a`).
 pub fn copy_tree(from: &Path, to: &Path, log: &Path) -> anyhow::Result<()> {
     remove_tree(to)?;
-    run_logged(
+    command::run(
         Command::new("cp")
             .arg("-a")
             .arg("--reflink=auto")
@@ -276,11 +227,14 @@ pub fn copy_tree(from: &Path, to: &Path, log: &Path) -> anyhow::Result<()> {
     )
 }
 
-pub fn remove_tree(dir: &Path) -> anyhow::Result<()> {
-    if dir.symlink_metadata().is_ok() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+/// Removes a tree (or a file) if it exists.
+pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
+    match path.symlink_metadata() {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => return Ok(()),
     }
-    Ok(())
+    .with_context(|| format!("removing {}", path.display()))
 }
 
 /// The base image for (distro, generator): from the cache, or built now (a few minutes).
@@ -302,12 +256,11 @@ pub fn ensure_base(
     let _ = std::fs::remove_file(&log);
     let mirror = mirror()?;
     let (first, second) = packages(distro, generator);
-    let started = Instant::now();
-    eprintln!(
-        "image: building {key} with debootstrap (a few minutes, once; log {})",
-        log.display()
+    let phase = crate::progress::start(
+        &format!("image {}/{}", distro.name(), generator.name()),
+        "debootstrap from this machine's mirror (a few minutes, once)",
     );
-    run_logged(
+    command::run(
         Command::new("debootstrap")
             .arg("--variant=minbase")
             .arg(format!("--include={}", first.join(",")))
@@ -340,10 +293,7 @@ pub fn ensure_base(
     std::fs::write(partial.join(".complete"), format!("{key}\n"))?;
     remove_tree(&dir)?;
     std::fs::rename(&partial, &dir)?;
-    eprintln!(
-        "image: {key} ready in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
+    phase.done(&format!("built {key}; log {}", log.display()));
     Ok(dir)
 }
 
@@ -378,49 +328,6 @@ pub fn linux_args_from_grub_cfg(text: &str) -> Option<String> {
         tokens.next()?; // the kernel path
         Some(tokens.collect::<Vec<_>>().join(" "))
     })
-}
-
-/// Makes a raw ext4 disk image holding `tree` (no mount, no loop device).
-pub fn make_disk(tree: &Path, disk: &Path, log: &Path) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(disk);
-    let used = dir_size(tree);
-    let size_mib = used / (1024 * 1024) * 13 / 10 + 512;
-    run_logged(
-        Command::new("mkfs.ext4")
-            .arg("-q")
-            .arg("-F")
-            .arg("-U")
-            .arg(ROOT_UUID)
-            .arg("-L")
-            .arg("vfe-root")
-            .arg("-d")
-            .arg(tree)
-            .arg(disk)
-            .arg(format!("{size_mib}M")),
-        log,
-        Duration::from_secs(600),
-    )
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(it) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in it.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += md.len();
-            }
-        }
-    }
-    total
 }
 
 #[cfg(test)]

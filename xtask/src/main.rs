@@ -1,17 +1,24 @@
 //! `cargo xtask`: the project's task runner. One module per task; external commands run
-//! through xshell (with `timeout` where they could hang), so CI steps run the same way
-//! locally.
+//! through `command` (a timeout on each, output to a log file), and what the tasks print
+//! goes through `progress` (one line per phase; `--verbose` streams everything), so CI
+//! steps run and read the same way locally.
 
 mod bench;
 mod bench_boot;
-mod boot_test;
 mod codegen;
+mod command;
 mod deb;
-mod deb_test;
+mod deb_life;
 mod demo;
+mod disk;
+mod expect;
 mod fast;
 mod fuzz;
 mod image;
+mod layer;
+mod matrix;
+mod phases;
+mod progress;
 mod qemu;
 mod scenario;
 mod test;
@@ -23,6 +30,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
+    /// Stream every command's output (and the guests' consoles) instead of one line
+    /// per phase.
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     task: Task,
 }
@@ -53,17 +64,25 @@ enum Task {
         version: Option<String>,
     },
     /// Time `initramfs list` against 3cpio, lsinitramfs and the bare
-    /// decompressors on a ~400 MB kernel-tree image (in target/bench/).
+    /// decompressors on a ~400 MB kernel-tree image (in target/bench/); then the
+    /// boots: each phase, and the ratio to a bare boot of the same kernel and
+    /// initramfs measured in the same run.
     Bench {
         /// Runs per command; the best is reported.
         #[arg(long, default_value_t = 5)]
         runs: u32,
-        /// Boots with and without vfio-early each, for the boot overhead.
+        /// Boots of each kind (bare, with vfio-early, vfio_early=off).
         #[arg(long, default_value_t = 2)]
         boots: usize,
         /// Only the reader table (no VM boots).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "boot")]
         no_boot: bool,
+        /// Only the boots (no reader table).
+        #[arg(long)]
+        boot: bool,
+        /// Also boot every scenario, for the matrix's phases and ratio.
+        #[arg(long)]
+        matrix: bool,
     },
     /// Bounded mutation fuzzing (stable Rust) of the initramfs reader and the
     /// config parser; crashing inputs are saved under target/fuzz/.
@@ -94,7 +113,8 @@ enum Task {
         /// Guests booted at once (each takes 1 GiB and a core).
         #[arg(long, default_value_t = 2)]
         jobs: usize,
-        /// Keep every scenario's disk image under target/boot-test/.
+        /// Keep every boot's overlay disk under target/boot-test/ (prepared disks
+        /// stay anyway, as a cache).
         #[arg(long)]
         keep: bool,
         /// The early binder alone in a minimal initramfs the harness writes
@@ -106,11 +126,12 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    progress::set_verbose(cli.verbose);
     let sh = xshell::Shell::new()?;
     sh.change_dir(project_root());
     match cli.task {
         Task::Test { no_boot } => test::run(&sh, &project_root(), no_boot),
-        Task::DebTest => deb_test::run(&sh, &project_root()),
+        Task::DebTest => deb_life::run(&sh, &project_root()),
         Task::Codegen { check } => codegen::run(check),
         Task::Deb { version } => deb::build(&sh, version.as_deref(), true).map(|_| ()),
         Task::Demo { fake: true } => demo::run_fake(&sh),
@@ -136,10 +157,10 @@ fn main() -> anyhow::Result<()> {
             jobs,
             keep,
             fast: false,
-        } => boot_test::run(
+        } => matrix::run(
             &sh,
             &project_root(),
-            boot_test::Options {
+            matrix::Options {
                 scenarios: scenario,
                 jobs,
                 keep,
@@ -149,13 +170,17 @@ fn main() -> anyhow::Result<()> {
             runs,
             boots,
             no_boot,
+            boot,
+            matrix,
         } => {
-            bench::run(&sh, &project_root(), runs)?;
+            if !boot {
+                bench::run(&sh, &project_root(), runs)?;
+            }
             if no_boot {
-                eprintln!("xtask: bench: boot overhead SKIPPED (--no-boot)");
+                progress::line("bench: boots SKIPPED (--no-boot)");
                 Ok(())
             } else {
-                bench_boot::run(&sh, &project_root(), boots)
+                bench_boot::run(&sh, &project_root(), boots, matrix)
             }
         }
         Task::Fuzz {

@@ -1,8 +1,11 @@
 //! Booting a test image: the QEMU command line (q35, TCG unless asked for KVM, an
 //! emulated IOMMU, the root disk on virtio at a fixed slot), a hard timeout, the serial
-//! log kept on disk, and the probe's report read back from it.
+//! console read through a pipe (each line stamped with the host time it arrived, kept
+//! in `serial.log`), and the probe's report read back from it. The disk is made before
+//! and elsewhere (`disk`); this module only boots what it is given.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,10 +17,19 @@ use crate::scenario::Iommu;
 /// Slot of the root disk (virtio-blk); scenarios keep clear of it.
 pub const ROOT_DISK_ADDR: &str = "10.0";
 
+/// How the guest gets its kernel. Only `Direct` today: QEMU loads the kernel and
+/// initramfs itself (its firmware hands over at once); firmware boots from the disk
+/// will be a second variant.
+pub enum Loader<'a> {
+    Direct {
+        kernel: &'a Path,
+        initrd: &'a Path,
+        append: &'a str,
+    },
+}
+
 pub struct Boot<'a> {
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
-    pub append: &'a str,
+    pub loader: Loader<'a>,
     pub disk: Option<&'a Path>,
     pub iommu: Iommu,
     pub devices: &'a [String],
@@ -28,8 +40,15 @@ pub struct Boot<'a> {
 }
 
 pub struct Outcome {
+    /// QEMU start to exit.
     pub elapsed: Duration,
     pub timed_out: bool,
+    /// The serial console's lines, each with the time since QEMU started at which it
+    /// arrived.
+    pub serial: Vec<(Duration, String)>,
+    /// The kernel's panic line, when it panicked (QEMU is stopped then, not left to
+    /// the timeout).
+    pub panic: Option<String>,
 }
 
 /// KVM only when asked (`VFIO_EARLY_KVM=1`): on these machines a KVM guest hangs.
@@ -54,10 +73,12 @@ pub fn command(b: &Boot) -> Command {
     };
     c.args(["-M", &machine, "-accel", accel(), "-cpu", cpu, "-smp", "1"])
         .args(["-m", &b.memory_mib.to_string()])
-        .args(["-display", "none", "-nic", "none", "-no-reboot"])
-        .args(["-monitor", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", b.serial_log.display()));
+        // No default devices (CD-ROM, parallel port, NIC): each is a driver to probe
+        // and udev events at every boot, and no scenario uses them. The standard VGA
+        // stays (the boot display at 00:01.0); a scenario's own `-vga` overrides it.
+        .args(["-nodefaults", "-vga", "std"])
+        .args(["-display", "none", "-no-reboot"])
+        .args(["-monitor", "none", "-serial", "stdio"]);
     match b.iommu {
         Iommu::Intel => {
             c.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
@@ -70,8 +91,13 @@ pub fn command(b: &Boot) -> Command {
     if let Some(disk) = b.disk {
         c.arg("-drive")
             .arg(format!(
-                "file={},format=raw,if=none,id=root",
-                disk.display()
+                "file={},format={},if=none,id=root",
+                disk.display(),
+                if disk.extension().is_some_and(|e| e == "qcow2") {
+                    "qcow2"
+                } else {
+                    "raw"
+                }
             ))
             .args([
                 "-device",
@@ -81,35 +107,83 @@ pub fn command(b: &Boot) -> Command {
     for d in b.devices {
         c.args(["-device", d]);
     }
-    c.args(b.extra)
-        .arg("-kernel")
-        .arg(b.kernel)
-        .arg("-initrd")
-        .arg(b.initrd)
-        .args(["-append", b.append]);
+    c.args(b.extra);
+    match b.loader {
+        Loader::Direct {
+            kernel,
+            initrd,
+            append,
+        } => {
+            c.arg("-kernel")
+                .arg(kernel)
+                .arg("-initrd")
+                .arg(initrd)
+                .args(["-append", append]);
+        }
+    }
     c
 }
 
-/// Boots and waits for the guest to power off, or kills it at the timeout.
-pub fn run(b: &Boot, qemu_log: &Path) -> anyhow::Result<Outcome> {
-    let _ = std::fs::remove_file(b.serial_log);
+/// Boots and waits for the guest to power off, or kills it at the timeout. The serial
+/// console is written to `b.serial_log` as it arrives (and streamed with `--verbose`);
+/// `phase`, when given, says which part of the probe's report is arriving.
+pub fn run(
+    b: &Boot,
+    qemu_log: &Path,
+    phase: Option<&crate::progress::Phase>,
+) -> anyhow::Result<Outcome> {
     let log = std::fs::File::create(qemu_log)
         .with_context(|| format!("creating {}", qemu_log.display()))?;
+    let mut serial_file = std::fs::File::create(b.serial_log)
+        .with_context(|| format!("creating {}", b.serial_log.display()))?;
     let cmd = command(b);
+    writeln!(&log, "{}", crate::command::shown(&cmd))?;
     let started = Instant::now();
-    let status = Command::new("timeout")
-        .arg("-k5")
-        .arg(b.timeout.as_secs().to_string())
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
+    let mut child = crate::command::timed(&cmd, b.timeout)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(Stdio::piped())
         .stderr(log)
-        .status()
+        .spawn()
         .context("running qemu-system-x86_64")?;
+    let mut serial = Vec::new();
+    let mut panic = None;
+    if let Some(out) = child.stdout.take() {
+        let mut reader = std::io::BufReader::new(out);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let at = started.elapsed();
+            let _ = serial_file.write_all(&buf);
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            if crate::progress::verbose() {
+                crate::progress::line(&format!("  guest| {line}"));
+            }
+            if let (Some(p), Some(section)) = (phase, line.strip_prefix("@@ == ")) {
+                p.waiting(&format!("the probe's report: {section}"));
+            }
+            if panic.is_none() && line.contains("Kernel panic - not syncing") {
+                // A panicked kernel waits forever: stop QEMU now (`timeout` passes
+                // the signal on), keep reading what is left.
+                panic = Some(line.clone());
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+            serial.push((at, line));
+        }
+    }
+    let status = child.wait().context("waiting for qemu-system-x86_64")?;
     Ok(Outcome {
         elapsed: started.elapsed(),
-        timed_out: status.code() == Some(124) || status.code() == Some(137),
+        timed_out: panic.is_none() && (status.code() == Some(124) || status.code() == Some(137)),
+        serial,
+        panic,
     })
 }
 
@@ -139,11 +213,6 @@ impl Report {
         }
         (body.join("\n"), exit)
     }
-}
-
-pub fn read_report(serial_log: &Path) -> Report {
-    let bytes = std::fs::read(serial_log).unwrap_or_default();
-    parse_report(&String::from_utf8_lossy(&bytes))
 }
 
 pub fn parse_report(text: &str) -> Report {
@@ -195,9 +264,11 @@ mod tests {
     fn the_command_pins_the_root_disk_and_the_iommu() {
         let devices = vec!["e1000e,addr=05.0".to_string()];
         let b = Boot {
-            kernel: Path::new("vmlinuz"),
-            initrd: Path::new("initrd"),
-            append: "root=/dev/vda",
+            loader: Loader::Direct {
+                kernel: Path::new("vmlinuz"),
+                initrd: Path::new("initrd"),
+                append: "root=/dev/vda",
+            },
             disk: Some(Path::new("disk.img")),
             iommu: Iommu::Amd,
             devices: &devices,

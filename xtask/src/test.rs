@@ -1,74 +1,171 @@
 //! `cargo xtask test`: every check CI runs, in the order that fails fastest: formatting,
-//! lints, shellcheck on every shell script, the unit and integration tests with
-//! snapshots checked (no pending, no unreferenced snapshot), a 20 s bounded fuzz run,
-//! then the package's life cycle in a chroot (`deb-test`) and every boot scenario
-//! (`boot-test`).
-//! `--no-boot` stops before the last two, and says so.
+//! lints, generated files, shellcheck on every shell script, the unit and integration
+//! tests with snapshots checked (no pending, no unreferenced snapshot), a 20 s bounded
+//! fuzz run, then the package's life cycle in a chroot (`deb-test`) and every boot
+//! scenario (`boot-test`). `--no-boot` stops before the last two, and says so.
+//!
+//! Each step runs as its own process (cargo, shellcheck, or this xtask's own task), its
+//! output in `target/xtask/test-<step>.log`: one line per step, and the whole log of a
+//! step that failed.
 
-use anyhow::Context;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
 use xshell::{cmd, Shell};
 
-use crate::tools;
+use crate::{command, progress, tools};
 
-pub fn run(sh: &Shell, project: &std::path::Path, no_boot: bool) -> anyhow::Result<()> {
-    tools::ensure_apt(sh, &[("shellcheck", "shellcheck")])?;
-    tools::ensure_cargo_tool(sh, "cargo-insta", "cargo-insta")?;
-
-    step("cargo fmt --check");
-    cmd!(sh, "cargo fmt --all -- --check").run()?;
-    step("cargo clippy");
-    cmd!(
-        sh,
-        "cargo clippy --workspace --all-targets --quiet -- -D warnings"
-    )
-    .run()?;
-    step("generated files current");
-    crate::codegen::run(true)?;
-    step("shellcheck");
-    let scripts = shell_scripts(sh)?;
-    if scripts.is_empty() {
-        anyhow::bail!("no shell scripts found to check; the search is broken");
-    }
-    let n = scripts.len();
-    cmd!(sh, "shellcheck {scripts...}").run()?;
-    eprintln!("xtask: shellcheck clean on {n} scripts");
-    step("tests (insta snapshots checked)");
-    cmd!(
-        sh,
-        "cargo insta test --workspace --check --unreferenced=reject --test-runner cargo-test"
-    )
-    .run()
-    .context("tests failed")?;
-    step("fuzz: 20 s of seeded mutation on the initramfs reader and the config parser");
-    crate::fuzz::run(project, 20, u64::MAX, 1)?;
-    if no_boot {
-        eprintln!(
-            "xtask: SKIPPED deb-test and boot-test (--no-boot): the package life cycle \
-             and the boot scenarios were not run"
-        );
-        return Ok(());
-    }
-    step("deb-test: the package in a Debian 12 chroot");
-    crate::deb_test::run(sh, project)?;
-    step("boot-test: every scenario booted in QEMU");
-    crate::boot_test::run(
-        sh,
-        project,
-        crate::boot_test::Options {
-            scenarios: Vec::new(),
-            jobs: 2,
-            keep: false,
-        },
-    )
+struct Step {
+    name: &'static str,
+    what: &'static str,
+    cmd: Command,
+    limit: Duration,
 }
 
-fn step(name: &str) {
-    eprintln!("xtask: == {name}");
+pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
+    tools::ensure_apt(sh, &[("shellcheck", "shellcheck")])?;
+    tools::ensure_cargo_tool(sh, "cargo-insta", "cargo-insta")?;
+    let scripts = shell_scripts(sh)?;
+    if scripts.is_empty() {
+        bail!("no shell scripts found to check; the search is broken");
+    }
+    let xtask = std::env::current_exe().context("finding the xtask binary")?;
+    let own = |args: &[&str]| {
+        let mut c = Command::new(&xtask);
+        if progress::verbose() {
+            c.arg("--verbose");
+        }
+        c.args(args).current_dir(project);
+        c
+    };
+    let cargo = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.args(args).current_dir(project);
+        c
+    };
+    let mut steps = vec![
+        Step {
+            name: "fmt",
+            what: "cargo fmt --check",
+            cmd: cargo(&["fmt", "--all", "--", "--check"]),
+            limit: Duration::from_secs(120),
+        },
+        Step {
+            name: "clippy",
+            what: "cargo clippy -D warnings",
+            cmd: cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            limit: Duration::from_secs(1800),
+        },
+        Step {
+            name: "codegen",
+            what: "man pages and completion current",
+            cmd: own(&["codegen", "--check"]),
+            limit: Duration::from_secs(300),
+        },
+        Step {
+            name: "shellcheck",
+            what: "shellcheck on every shell script",
+            cmd: {
+                let mut c = Command::new("shellcheck");
+                c.args(&scripts).current_dir(project);
+                c
+            },
+            limit: Duration::from_secs(300),
+        },
+        Step {
+            name: "tests",
+            what: "unit and integration tests, insta snapshots checked",
+            cmd: cargo(&[
+                "insta",
+                "test",
+                "--workspace",
+                "--check",
+                "--unreferenced=reject",
+                "--test-runner",
+                "cargo-test",
+            ]),
+            limit: Duration::from_secs(1800),
+        },
+        Step {
+            name: "fuzz",
+            what: "20 s of seeded mutation on the initramfs reader and the config parser",
+            cmd: own(&["fuzz", "--seconds", "20"]),
+            limit: Duration::from_secs(300),
+        },
+    ];
+    if !no_boot {
+        steps.push(Step {
+            name: "deb-test",
+            what: "the package's life cycle in a Debian 12 chroot",
+            cmd: own(&["deb-test"]),
+            limit: Duration::from_secs(2400),
+        });
+        steps.push(Step {
+            name: "boot-test",
+            what: "every scenario booted in QEMU",
+            cmd: own(&["boot-test"]),
+            limit: Duration::from_secs(3600),
+        });
+    }
+    let logs = project.join("target/xtask");
+    let total = steps.len();
+    for (i, mut step) in steps.into_iter().enumerate() {
+        let log = logs.join(format!("test-{}.log", step.name));
+        let _ = std::fs::remove_file(&log);
+        let phase = progress::start(&format!("test: {}", step.name), step.what);
+        let code = command::status(&mut step.cmd, &log, step.limit)?;
+        if code != Some(0) {
+            drop(phase);
+            let text = std::fs::read(&log).unwrap_or_default();
+            progress::line(&format!(
+                "FAILED {} ({}); its log, {}:",
+                step.name,
+                step.what,
+                log.display()
+            ));
+            progress::raw(&text);
+            progress::line(&format!("test: {i} passed, 1 failed"));
+            bail!(
+                "step {} failed (exit {code:?}); log {}",
+                step.name,
+                log.display()
+            );
+        }
+        let last = command::tail(&log, 1);
+        let last = last.trim();
+        phase.done(&if last.is_empty() || last.starts_with("###") {
+            step.what.to_string()
+        } else {
+            format!("{}: {last}", step.what)
+        });
+    }
+    if no_boot {
+        progress::line(
+            "SKIPPED deb-test and boot-test (--no-boot): the package life cycle and the \
+             boot scenarios were not run",
+        );
+    }
+    progress::line(&format!("test: {total} passed, 0 failed"));
+    Ok(())
 }
 
 /// Every tracked file that is a POSIX sh or bash script, by shebang.
 fn shell_scripts(sh: &Shell) -> anyhow::Result<Vec<String>> {
-    let files = cmd!(sh, "git ls-files --cached --others --exclude-standard").read()?;
+    let files = cmd!(
+        sh,
+        "timeout 120 git ls-files --cached --others --exclude-standard"
+    )
+    .read()?;
     Ok(files
         .lines()
         .filter(|f| {

@@ -60,8 +60,8 @@ pub fn ensure_cargo_tool(sh: &Shell, bin: &str, krate: &str) -> anyhow::Result<(
         return Ok(());
     }
     eprintln!("xtask: installing {krate} with cargo install (a few minutes, once)");
-    cmd!(sh, "cargo install --locked {krate}")
+    cmd!(sh, "timeout 1800 cargo install --locked {krate}")
         .run()
-        .with_context(|| format!("cargo install --locked {krate}"))?;
+        .with_context(|| format!("timeout 1800 cargo install --locked {krate}"))?;
     Ok(())
 }

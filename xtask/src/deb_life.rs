@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use xshell::{cmd, Shell};
 
-use crate::image;
 use crate::scenario::{Distro, Generator};
+use crate::{command, image, progress};
 
 /// Paths whose contents change with any apt run, and are no file of ours.
 const VOLATILE: &[&str] = &[
@@ -41,13 +41,13 @@ pub fn run(sh: &Shell, project: &Path) -> anyhow::Result<()> {
     let tree = work.join("root");
     let log = work.join("deb-test.log");
     let _ = std::fs::remove_file(&log);
-    eprintln!(
+    progress::line(&format!(
         "deb-test: Debian 12 chroot from the cached base (log {})",
         log.display()
-    );
+    ));
     image::copy_tree(&base, &tree, &log)?;
     let chroot = |script: &str| image::chroot_sh(&tree, script, &log, Duration::from_secs(600));
-    let step = |what: &str| eprintln!("deb-test: {what}");
+    let step = |what: &str| progress::line(&format!("deb-test: {what}"));
 
     let before = file_list(&tree)?;
     let release = image::kernel_release(&tree)?;
@@ -143,23 +143,27 @@ pub fn run(sh: &Shell, project: &Path) -> anyhow::Result<()> {
     step("CLI tests against the installed binary (as autopkgtest does)");
     chroot("apt-get install -y -q /tmp/current.deb")?;
     let bin = tree.join("usr/sbin/vfio-early");
-    let bin_s = bin.display().to_string();
-    cmd!(sh, "cargo test --quiet --test it")
-        .env("VFIO_EARLY_BIN", &bin_s)
-        .run()
-        .context("the integration tests against the installed binary")?;
+    command::run(
+        std::process::Command::new("cargo")
+            .args(["test", "--quiet", "--test", "it"])
+            .env("VFIO_EARLY_BIN", &bin)
+            .current_dir(project),
+        &log,
+        Duration::from_secs(1800),
+    )
+    .context("the integration tests against the installed binary")?;
 
     image::remove_tree(&tree)?;
-    eprintln!(
+    progress::line(&format!(
         "deb-test: passed in {:.0} s (install, apply, upgrade, remove, purge, installed-binary tests)",
         started.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
 }
 
 /// The version the upgrade starts from: the changelog's, with `~prev` (sorts lower).
 fn upgrade_from_version(sh: &Shell) -> anyhow::Result<String> {
-    let v = cmd!(sh, "dpkg-parsechangelog -S Version")
+    let v = cmd!(sh, "timeout 60 dpkg-parsechangelog -S Version")
         .read()
         .context("dpkg-parsechangelog")?;
     Ok(format!("{}~prev", v.trim()))
@@ -174,7 +178,7 @@ fn has(listing: &[String], suffix: &str) -> bool {
 
 fn expect(ok: bool, what: &str) -> anyhow::Result<()> {
     if ok {
-        eprintln!("deb-test:   ok: {what}");
+        progress::line(&format!("deb-test:   ok: {what}"));
         Ok(())
     } else {
         bail!("deb-test: FAILED: {what}")
@@ -220,7 +224,7 @@ fn compare(
         .collect();
     let lost: Vec<&String> = before.difference(after).collect();
     if added.is_empty() && lost.is_empty() {
-        eprintln!(
+        progress::line(&format!(
             "deb-test:   ok: {when}, the tree has the same {} paths as before the install{}",
             before.len(),
             if allowed.is_empty() {
@@ -231,7 +235,7 @@ fn compare(
                     allowed.iter().cloned().collect::<Vec<_>>().join(", ")
                 )
             }
-        );
+        ));
         return Ok(());
     }
     bail!(

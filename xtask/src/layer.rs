@@ -1,0 +1,235 @@
+//! Layer 2 of the test images: a cached base image (`image`) with the freshly built
+//! .deb installed the way users do (`apt install ./…deb`), the harness's probe and its
+//! unit, and the guest trimmed to what the probe needs. Cached under
+//! `target/boot-test/layers/`, keyed by the base image, the package's bytes, the probe
+//! files and the trimming script, so it is made again only when one of them changed.
+//! Each (distro, generator) layer is made by the first scenario that needs it while
+//! the other workers boot what is ready.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::deb::Fnv;
+use crate::image;
+use crate::progress;
+use crate::scenario::{Distro, Generator};
+
+/// The probe script, its unit and the target the guest boots to, installed into
+/// every layer.
+const PROBE: &str = "tests/boot/probe.sh";
+const PROBE_UNIT: &str = "tests/boot/vfio-early-probe.service";
+const PROBE_TARGET: &str = "tests/boot/vfio-early-probe.target";
+
+/// Runs in the layer after the package is installed and the probe's units are in
+/// place. Nothing here touches what the tests prove (the kernel and its modules, the
+/// initramfs generator, the package's files); it removes work nobody looks at, which
+/// under TCG costs seconds a boot. (The probe's unit, for its part, waits for udev's
+/// coldplug of the PCI devices only.)
+pub const TRIM: &str = r#"
+set -e
+# A TCG guest on a loaded host can miss the kernel's timer check and panic ("timer
+# doesn't work through Interrupt-remapped IO-APIC"); the check is for broken hardware.
+sed -i 's/^GRUB_CMDLINE_LINUX="console=ttyS0/& no_timer_check/' /etc/default/grub
+grep -q no_timer_check /etc/default/grub
+# The guest boots to the probe's target: the probe and what it needs, nothing else.
+ln -sf /etc/systemd/system/vfio-early-probe.target /etc/systemd/system/default.target
+# No fsck of the test root (fstab pass 0): the initramfs carries no fsck and neither
+# it nor systemd runs one; nothing here tests fsck.
+sed -i 's|^\(/dev/vda[[:space:]].*[[:space:]]\)[0-9]$|\10|' /etc/fstab
+# Generators for what these images do not have (sysv scripts, encrypted or verity
+# disks, GPT auto-mounts, gettys, hibernation): each is a process at every boot.
+mkdir -p /etc/systemd/system-generators
+for g in systemd-sysv-generator systemd-gpt-auto-generator systemd-getty-generator \
+    systemd-cryptsetup-generator systemd-veritysetup-generator \
+    systemd-integritysetup-generator systemd-hibernate-resume-generator \
+    systemd-rc-local-generator systemd-system-update-generator \
+    systemd-bless-boot-generator; do
+    ln -sf /dev/null "/etc/systemd/system-generators/$g"
+done
+# Smaller trees to copy and disks to write: no documentation, man pages, locales or
+# package lists (dpkg leaves them out of later installs too).
+printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/locale/*' \
+    > /etc/dpkg/dpkg.cfg.d/vfio-early-test-nodoc
+find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
+rm -rf /usr/share/man/* /usr/share/locale/* /var/lib/apt/lists/* /var/cache/apt/*.bin
+"#;
+
+/// A layer ready to copy: its tree, and how long making it took when this call made it.
+#[derive(Clone)]
+pub struct Made {
+    pub tree: PathBuf,
+    pub built: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    Busy,
+    NotStarted,
+}
+
+type Slot = Mutex<Option<Result<PathBuf, String>>>;
+
+/// The layers of one run, each made (or found in the cache) on first use.
+pub struct Layers<'a> {
+    project: &'a Path,
+    deb: &'a Path,
+    slots: Vec<((Distro, Generator), Slot)>,
+    claimed: Mutex<std::collections::BTreeSet<(Distro, Generator)>>,
+}
+
+impl<'a> Layers<'a> {
+    pub fn new(project: &'a Path, deb: &'a Path, wanted: &[(Distro, Generator)]) -> Self {
+        let mut keys = wanted.to_vec();
+        keys.sort();
+        keys.dedup();
+        Layers {
+            project,
+            deb,
+            slots: keys.into_iter().map(|k| (k, Mutex::new(None))).collect(),
+            claimed: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Whether the layer is ready (made or failed), being made, or not started, so a
+    /// worker can pick a scenario it need not wait for.
+    pub fn state(&self, distro: Distro, generator: Generator) -> State {
+        let Some((_, slot)) = self.slots.iter().find(|(k, _)| *k == (distro, generator)) else {
+            return State::Ready;
+        };
+        let claimed = self
+            .claimed
+            .lock()
+            .map(|c| c.contains(&(distro, generator)))
+            .unwrap_or(true);
+        match slot.try_lock() {
+            Ok(g) if g.is_some() => State::Ready,
+            Ok(_) if !claimed => State::NotStarted,
+            _ => State::Busy,
+        }
+    }
+
+    /// Marks a layer as taken by a worker that is about to make it, so the others
+    /// pick another scenario meanwhile.
+    pub fn claim(&self, distro: Distro, generator: Generator) {
+        if let Ok(mut c) = self.claimed.lock() {
+            c.insert((distro, generator));
+        }
+    }
+
+    /// The layer for (distro, generator). A failure is remembered, so every scenario
+    /// of that layer fails with the same reason instead of retrying.
+    pub fn get(&self, distro: Distro, generator: Generator) -> Result<Made, String> {
+        let slot = self
+            .slots
+            .iter()
+            .find(|(k, _)| *k == (distro, generator))
+            .map(|(_, s)| s)
+            .ok_or_else(|| "no image layer for this scenario".to_string())?;
+        let mut guard = slot
+            .lock()
+            .map_err(|_| "a layer builder panicked".to_string())?;
+        if let Some(done) = guard.as_ref() {
+            return done.clone().map(|tree| Made { tree, built: None });
+        }
+        let started = Instant::now();
+        let made = ensure(self.project, self.deb, distro, generator)
+            .map_err(|e| format!("image {}/{}: {e:#}", distro.name(), generator.name()));
+        *guard = Some(made.as_ref().map(|m| m.tree.clone()).map_err(Clone::clone));
+        made.map(|m| Made {
+            built: m.built.map(|_| started.elapsed()),
+            ..m
+        })
+    }
+}
+
+/// The layer's cache key: base image, package bytes, probe files, trimming script.
+fn key(project: &Path, base: &Path, deb: &Path) -> anyhow::Result<String> {
+    let mut h = Fnv::new();
+    h.add(base.to_string_lossy().as_bytes());
+    h.add(&std::fs::read(deb).with_context(|| format!("reading {}", deb.display()))?);
+    for f in [PROBE, PROBE_UNIT, PROBE_TARGET] {
+        h.add(&std::fs::read(project.join(f)).with_context(|| format!("reading {f}"))?);
+    }
+    h.add(TRIM.as_bytes());
+    Ok(format!("{:016x}", h.0))
+}
+
+/// The layer from the cache, or made now.
+fn ensure(
+    project: &Path,
+    deb: &Path,
+    distro: Distro,
+    generator: Generator,
+) -> anyhow::Result<Made> {
+    let base = image::ensure_base(project, distro, generator)?;
+    let dir = project.join("target/boot-test/layers");
+    std::fs::create_dir_all(&dir)?;
+    let prefix = format!("{}-{}-", distro.name(), generator.name());
+    let name = format!("{prefix}{}", key(project, &base, deb)?);
+    let tree = dir.join(&name);
+    if tree.join(".complete").exists() {
+        return Ok(Made { tree, built: None });
+    }
+    // Older layers of the same base are stale now: make room.
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n != name {
+            image::remove_tree(&e.path())?;
+        }
+    }
+    let log = dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&log);
+    let phase = progress::start(
+        &format!("layer {}/{}", distro.name(), generator.name()),
+        "copying the base image, apt install ./vfio-early.deb",
+    );
+    let partial = dir.join(format!("{name}.partial"));
+    image::copy_tree(&base, &partial, &log)?;
+    let file = deb
+        .file_name()
+        .context("package path has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::copy(deb, partial.join("tmp").join(&file))?;
+    image::chroot_sh(
+        &partial,
+        &format!("apt-get install -y -q /tmp/{file}\nrm /tmp/{file}"),
+        &log,
+        Duration::from_secs(600),
+    )?;
+    install_probe(project, &partial)?;
+    phase.waiting("trimming the guest");
+    image::chroot_sh(&partial, TRIM, &log, Duration::from_secs(300))?;
+    std::fs::write(partial.join(".complete"), format!("{name}\n"))?;
+    std::fs::rename(&partial, &tree)
+        .with_context(|| format!("renaming {} to {}", partial.display(), tree.display()))?;
+    let took = phase.done(&format!("built; log {}", log.display()));
+    Ok(Made {
+        tree,
+        built: Some(took),
+    })
+}
+
+fn install_probe(project: &Path, tree: &Path) -> anyhow::Result<()> {
+    let probe = tree.join("usr/local/sbin/vfio-early-probe");
+    std::fs::create_dir_all(tree.join("usr/local/sbin"))?;
+    std::fs::copy(project.join(PROBE), &probe)?;
+    set_mode(&probe, 0o755)?;
+    let units = tree.join("etc/systemd/system");
+    for f in [PROBE_UNIT, PROBE_TARGET] {
+        let name = Path::new(f).file_name().context("unit file name")?;
+        std::fs::copy(project.join(f), units.join(name))?;
+    }
+    Ok(())
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}

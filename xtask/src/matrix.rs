@@ -1,0 +1,506 @@
+//! `cargo xtask boot-test`: every scenario under `tests/boot/scenarios/` (or the
+//! `--scenario FILE`s) booted for real: the package installed in a Debian image
+//! (`layer`), the scenario's config applied there (so the real initramfs-tools or
+//! dracut builds the initramfs and `update-grub` writes the command line), the root
+//! disk made (`disk`), the image booted in QEMU with an emulated IOMMU (`qemu`), and
+//! the guest's own report checked against the scenario's expectations (`expect`).
+//! One line per scenario with its phases, then a table summing each phase, then
+//! `N passed, N failed`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use xshell::Shell;
+
+use crate::layer::{Layers, State as LayerState};
+use crate::phases::{self, Phase, Times};
+use crate::qemu::{self, Report};
+use crate::scenario::{self, ApplyIn, Scenario};
+use crate::{disk, expect, image, progress};
+
+pub struct Options {
+    pub scenarios: Vec<PathBuf>,
+    pub jobs: usize,
+    /// Keep every boot's overlay disk, not only those of failures (the prepared
+    /// disks are kept anyway, as a cache).
+    pub keep: bool,
+}
+
+/// What the probe reports beyond what the expectations need.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra {
+    /// `vfio-early list` and the human `vfio-early status` (the demo shows them).
+    pub list_and_status: bool,
+    /// A line for each phase of each scenario as it ends (the demo), not only the
+    /// scenario's line.
+    pub phase_lines: bool,
+}
+
+/// One boot of a scenario: the guest's report and where its time went.
+pub struct BootResult {
+    pub report: Report,
+    pub times: Times,
+}
+
+/// What a scenario run produced.
+pub struct Run {
+    pub name: String,
+    pub failures: Vec<String>,
+    pub elapsed: Duration,
+    /// The host-side phases (layer, apply, disk).
+    pub prep: Times,
+    pub boots: Vec<BootResult>,
+    pub dir: PathBuf,
+}
+
+impl Run {
+    /// The report of the scenario's (first) boot.
+    pub fn report(&self) -> Option<&Report> {
+        self.boots.first().map(|b| &b.report)
+    }
+
+    /// Host and guest phases of the first boot, for one line.
+    pub fn times(&self) -> Times {
+        let mut t = self.prep.clone();
+        if let Some(b) = self.boots.first() {
+            t.spans.extend(b.times.spans.clone());
+            t.guest = b.times.guest;
+        }
+        t
+    }
+}
+
+pub fn run(sh: &Shell, project: &Path, opts: Options) -> anyhow::Result<()> {
+    let scenarios = if opts.scenarios.is_empty() {
+        scenario::load_dir(&project.join("tests/boot/scenarios"))?
+    } else {
+        opts.scenarios
+            .iter()
+            .map(|p| scenario::load(p))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    if scenarios.is_empty() {
+        bail!("no scenario to run");
+    }
+    let started = Instant::now();
+    let runs = run_scenarios(
+        sh,
+        project,
+        &scenarios,
+        opts.jobs,
+        opts.keep,
+        Extra {
+            list_and_status: std::env::var_os("XTASK_BASELINE").is_some(),
+            phase_lines: false,
+        },
+    )?;
+    let all: Vec<Times> = runs.iter().map(Run::times).collect();
+    progress::line("");
+    for l in phases::table(&all.iter().collect::<Vec<_>>()) {
+        progress::line(&l);
+    }
+    let failed = runs.iter().filter(|r| !r.failures.is_empty()).count();
+    progress::line(&format!(
+        "boot-test: {} in {} ({} at a time); logs in {}",
+        runs.len(),
+        progress::secs(started.elapsed()),
+        opts.jobs,
+        project.join("target/boot-test").display()
+    ));
+    progress::line(&format!(
+        "{} passed, {} failed",
+        runs.len() - failed,
+        failed
+    ));
+    if failed > 0 {
+        bail!("{failed} boot scenario(s) failed");
+    }
+    Ok(())
+}
+
+/// Builds the package (or reuses it) and the layers, then boots `scenarios`, `jobs` at
+/// a time, printing a line as each ends.
+pub fn run_scenarios(
+    sh: &Shell,
+    project: &Path,
+    scenarios: &[Scenario],
+    jobs: usize,
+    keep: bool,
+    extra: Extra,
+) -> anyhow::Result<Vec<Run>> {
+    crate::tools::ensure_apt(
+        sh,
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("qemu-img", "qemu-utils"),
+            ("debootstrap", "debootstrap"),
+            ("mkfs.ext4", "e2fsprogs"),
+        ],
+    )?;
+    let deb = crate::deb::build(sh, None, false)?;
+    let work = project.join("target/boot-test");
+    std::fs::create_dir_all(&work)?;
+    let wanted: Vec<_> = scenarios.iter().map(|s| (s.distro, s.generator)).collect();
+    let layers = Layers::new(project, &deb, &wanted);
+
+    let queue = Arc::new(Mutex::new(scenarios.to_vec()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            let queue = Arc::clone(&queue);
+            let results = Arc::clone(&results);
+            let layers = &layers;
+            let work = work.clone();
+            scope.spawn(move || loop {
+                // A scenario whose layer nobody makes yet first (a cold run starts
+                // every layer as early as it can, while the other workers boot), then
+                // one whose layer is ready, else wait for a layer being made.
+                let next = queue.lock().ok().and_then(|mut q| {
+                    let state = |s: &Scenario| layers.state(s.distro, s.generator);
+                    let pos = q
+                        .iter()
+                        .position(|s| state(s) == LayerState::NotStarted)
+                        .or_else(|| q.iter().position(|s| state(s) == LayerState::Ready))
+                        .unwrap_or(0);
+                    let s = (pos < q.len()).then(|| q.remove(pos))?;
+                    layers.claim(s.distro, s.generator);
+                    Some(s)
+                });
+                let Some(s) = next else { break };
+                let run = run_one(&work, layers, &s, keep, extra);
+                // With a line per phase (the demo) the scenario's own line would repeat
+                // them; a failure is still told.
+                if !extra.phase_lines || !run.failures.is_empty() {
+                    print_line(&run);
+                }
+                if let Ok(mut r) = results.lock() {
+                    r.push(run);
+                }
+            });
+        }
+    });
+    let mut runs = Arc::try_unwrap(results)
+        .ok()
+        .and_then(|m| m.into_inner().ok())
+        .unwrap_or_default();
+    runs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(runs)
+}
+
+fn print_line(run: &Run) {
+    let verdict = if run.failures.is_empty() {
+        "PASS"
+    } else {
+        "FAIL"
+    };
+    progress::line(&format!(
+        "{verdict}  {:<30} {:>7}  {}",
+        run.name,
+        progress::secs(run.elapsed),
+        run.times().line()
+    ));
+    if !run.failures.is_empty() {
+        progress::line(&format!("      logs: {}", run.dir.display()));
+        for f in &run.failures {
+            progress::line(&format!("      - {f}"));
+        }
+    }
+}
+
+fn run_one(work: &Path, layers: &Layers, s: &Scenario, keep: bool, extra: Extra) -> Run {
+    let started = Instant::now();
+    let dir = work.join(s.name());
+    let mut run = Run {
+        name: s.name(),
+        failures: Vec::new(),
+        elapsed: Duration::ZERO,
+        prep: Times::default(),
+        boots: Vec::new(),
+        dir: dir.clone(),
+    };
+    if let Err(e) = boot_scenario(&dir, layers, s, keep, extra, &mut run) {
+        run.failures.push(format!("{e:#}"));
+    }
+    run.elapsed = started.elapsed();
+    run
+}
+
+/// What a boot needs from the prepared image.
+pub struct Prepared {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    /// The prepared root disk; boots write to an overlay on it.
+    pub disk: PathBuf,
+}
+
+/// Files of a scenario's directory that make up its prepared image, with the key of
+/// the inputs they were made from written last.
+const PREPARED: &[&str] = &[
+    "prepared.key",
+    "disk.img",
+    "vmlinuz",
+    "initrd.img",
+    "cmdline",
+    "apply.log",
+    "apply.exit",
+    "prepare.log",
+];
+
+/// The key of a scenario's prepared image: the layer (base image, package, probe) and
+/// everything of the scenario that reaches the image.
+fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
+    let mut h = crate::deb::Fnv::new();
+    for part in [
+        layer.to_string_lossy().as_ref(),
+        s.config.as_str(),
+        s.setup.as_deref().unwrap_or("\0"),
+        &format!("{:?}", s.apply_in),
+        &flags.join(","),
+    ] {
+        h.add(part.as_bytes());
+        h.add(&[0]);
+    }
+    format!("{:016x}", h.0)
+}
+
+/// The probe's flags for a scenario (see tests/boot/probe.sh).
+fn probe_flags(s: &Scenario, extra: Extra) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if s.apply_in == ApplyIn::Guest {
+        flags.push("apply-in-guest");
+    }
+    if extra.list_and_status || !s.expect.status_output.is_empty() {
+        flags.push("status-text");
+    }
+    if extra.list_and_status {
+        flags.push("list");
+    }
+    flags
+}
+
+/// Prepares the scenario's image (or finds it prepared from the same inputs), boots it
+/// and checks the report. `Err` is a harness failure (the scenario fails too, with the
+/// reason).
+fn boot_scenario(
+    dir: &Path,
+    layers: &Layers,
+    s: &Scenario,
+    keep: bool,
+    extra: Extra,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    let name = s.name();
+    let layer = {
+        let phase = progress::start(&name, "the image layer");
+        let made = layers
+            .get(s.distro, s.generator)
+            .map_err(anyhow::Error::msg)?;
+        match made.built {
+            Some(d) => {
+                run.prep.set(Phase::Layer, d);
+                run.prep.note(Phase::Layer, "built");
+            }
+            None => run.prep.note(Phase::Layer, "cached"),
+        }
+        drop(phase);
+        made.tree
+    };
+    let say = |what: &str, took: Duration, text: &str| {
+        if extra.phase_lines {
+            progress::line(&format!("{:<28} {:>7}  {text}", what, progress::secs(took)));
+        }
+    };
+    std::fs::create_dir_all(dir)?;
+    let flags = probe_flags(s, extra);
+    let key = prepared_key(&layer, s, &flags);
+    let key_file = dir.join("prepared.key");
+    let phase = progress::start(&name, "copying the layer, vfio-early apply");
+    let prepared = if std::fs::read_to_string(&key_file).is_ok_and(|k| k.trim() == key) {
+        run.prep.note(Phase::Apply, "cached");
+        run.prep.note(Phase::Disk, "cached");
+        say(
+            "apply, disk",
+            Duration::ZERO,
+            "cached: prepared from the same package, layer and scenario",
+        );
+        Prepared {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            append: std::fs::read_to_string(dir.join("cmdline"))?
+                .trim()
+                .to_string(),
+            disk: dir.join("disk.img"),
+        }
+    } else {
+        for f in PREPARED {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let tree = dir.join("root");
+        let prepared = prepare(dir, &layer, &tree, s, &flags)?;
+        run.prep.set(Phase::Apply, phase.elapsed());
+        say(
+            "apply",
+            phase.elapsed(),
+            "config written, `vfio-early apply` in the image (update-initramfs, update-grub)",
+        );
+        phase.waiting("making the root disk");
+        let disk_started = Instant::now();
+        disk::make(&tree, &prepared.disk, &dir.join("prepare.log"))?;
+        image::remove_tree(&tree)?;
+        run.prep.set(Phase::Disk, disk_started.elapsed());
+        say(
+            "disk",
+            disk_started.elapsed(),
+            "the root disk (mkfs.ext4 -d)",
+        );
+        std::fs::write(&key_file, format!("{key}\n"))?;
+        prepared
+    };
+    if s.apply_in == ApplyIn::Image {
+        let text = std::fs::read_to_string(dir.join("apply.log")).unwrap_or_default();
+        let code = std::fs::read_to_string(dir.join("apply.exit"))
+            .ok()
+            .and_then(|c| c.trim().parse().ok());
+        expect::check_apply(&s.expect, code, &text, "in the image", &mut run.failures);
+    }
+    phase.waiting("booting (QEMU, TCG) until the probe powers off");
+    let overlay = dir.join("boot.qcow2");
+    disk::overlay(&prepared.disk, &overlay, &dir.join("qemu.log"))?;
+    let boot = boot(dir, s, &prepared, &overlay, Some(&phase))?;
+    drop(phase);
+    say(
+        "boot",
+        boot.times.guest,
+        &format!("QEMU start to power-off: {}", boot.times.line()),
+    );
+    if let Some(line) = &boot.panic {
+        run.failures
+            .push(format!("the guest kernel panicked: {line}"));
+    }
+    if run.failures.is_empty() {
+        run.failures.extend(expect::check_boot(s, &boot.report));
+    }
+    if run.failures.is_empty() && !keep {
+        let _ = std::fs::remove_file(&overlay);
+    }
+    if let Some(timeout) = boot.timed_out {
+        run.failures.push(format!(
+            "the guest did not power off within {} s",
+            timeout.as_secs()
+        ));
+    }
+    run.boots.push(BootResult {
+        report: boot.report,
+        times: boot.times,
+    });
+    Ok(())
+}
+
+/// The scenario's tree from the layer: config, setup, apply (in the image, or marked
+/// for the guest), the probe's flags; then the kernel, initramfs and command line that
+/// GRUB would boot. Apply's output and exit status are kept in `apply.log` and
+/// `apply.exit` for the checks.
+fn prepare(
+    dir: &Path,
+    layer: &Path,
+    tree: &Path,
+    s: &Scenario,
+    flags: &[&str],
+) -> anyhow::Result<Prepared> {
+    let log = dir.join("prepare.log");
+    image::copy_tree(layer, tree, &log)?;
+    std::fs::write(tree.join("etc/vfio-early.toml"), &s.config)?;
+    if let Some(setup) = &s.setup {
+        image::chroot_sh(tree, setup, &log, Duration::from_secs(600))?;
+    }
+    let flag_dir = tree.join("etc/vfio-early-probe");
+    std::fs::create_dir_all(&flag_dir)?;
+    for f in flags {
+        std::fs::write(flag_dir.join(f), "")?;
+    }
+    if s.apply_in == ApplyIn::Image {
+        let out = dir.join("apply.log");
+        let code = image::chroot_status(tree, "vfio-early apply", &out, Duration::from_secs(900))?;
+        let shown = code.map_or("killed".to_string(), |c| c.to_string());
+        std::fs::write(dir.join("apply.exit"), format!("{shown}\n"))?;
+    }
+    let release = image::kernel_release(tree)?;
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initrd.img");
+    std::fs::copy(tree.join(format!("boot/vmlinuz-{release}")), &kernel)
+        .context("copying the kernel out of the image")?;
+    std::fs::copy(tree.join(format!("boot/initrd.img-{release}")), &initrd)
+        .context("copying the initramfs out of the image")?;
+    let append = image::grub_linux_args(tree)?;
+    std::fs::write(dir.join("cmdline"), &append)?;
+    Ok(Prepared {
+        kernel,
+        initrd,
+        append,
+        disk: dir.join("disk.img"),
+    })
+}
+
+/// One boot's outcome.
+pub struct Booted {
+    pub report: Report,
+    /// The kernel's panic line, if it panicked.
+    pub panic: Option<String>,
+    pub times: Times,
+    /// The timeout, when the guest ran into it.
+    pub timed_out: Option<Duration>,
+}
+
+/// Boots a prepared image once: QEMU until the probe powers the guest off, the report
+/// read from the serial console, the guest's phases from its kernel log.
+pub fn boot(
+    dir: &Path,
+    s: &Scenario,
+    p: &Prepared,
+    disk: &Path,
+    phase: Option<&progress::Phase>,
+) -> anyhow::Result<Booted> {
+    let timeout = boot_timeout();
+    let outcome = qemu::run(
+        &qemu::Boot {
+            loader: qemu::Loader::Direct {
+                kernel: &p.kernel,
+                initrd: &p.initrd,
+                append: &p.append,
+            },
+            disk: Some(disk),
+            iommu: s.iommu,
+            devices: &s.devices,
+            extra: &s.qemu_args,
+            serial_log: &dir.join("serial.log"),
+            timeout,
+            memory_mib: 1024,
+        },
+        &dir.join("qemu.log"),
+        phase,
+    )?;
+    let text: String = outcome
+        .serial
+        .iter()
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let report = qemu::parse_report(&text);
+    let times = phases::guest(report.section("kmsg"), &outcome.serial, outcome.elapsed);
+    Ok(Booted {
+        report,
+        panic: outcome.panic,
+        times,
+        timed_out: outcome.timed_out.then_some(timeout),
+    })
+}
+
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("VFIO_EARLY_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
