@@ -25,7 +25,13 @@ struct Step {
 }
 
 pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
-    tools::ensure_apt(sh, &[("shellcheck", "shellcheck")])?;
+    tools::ensure_apt(
+        sh,
+        &[
+            ("shellcheck", "shellcheck"),
+            ("grub-script-check", "grub-common"),
+        ],
+    )?;
     tools::ensure_cargo_tool(sh, "cargo-insta", "cargo-insta")?;
     let scripts = shell_scripts(sh)?;
     if scripts.is_empty() {
