@@ -294,81 +294,12 @@ fn bind_all(
     in_flight: &mut Vec<InFlight>,
 ) {
     let root = sys.root().clone();
-
     for decision in plan.targets() {
-        let addr = decision.address;
-        let dir = device_dir(addr);
-        if !root.exists(&dir) {
-            log.warn(&format!("{addr}: not present on this boot; skipped"));
-            report.set(addr, None, Outcome::Missing);
-            continue;
-        }
-        let previous = current_driver(&root, addr);
-        if previous.as_deref() == Some(VFIO_DRIVER) {
-            log.info(&format!("{addr}: already on {VFIO_DRIVER}"));
-            report.set(addr, previous, Outcome::AlreadyBound);
-            continue;
-        }
-        if let Some(why) = refusal(&root, addr, previous.as_deref()) {
-            log.error(&format!("{addr}: {why}"));
-            report.set(addr, previous, Outcome::Failed(why));
-            continue;
-        }
-        // In flight from before the first write: if anything below panics, the guard in
-        // `bind_devices` returns this device (clearing an override that was never set is
-        // harmless).
-        in_flight.push(InFlight {
-            address: addr,
-            previous: previous.clone(),
-        });
-        if let Err(e) = sys.write(&dir.join("driver_override"), VFIO_DRIVER) {
-            in_flight.retain(|d| d.address != addr);
-            let msg = format!("setting driver_override: {}", describe_io(&e));
-            log.error(&format!("{addr}: {msg}; left as it is"));
-            report.set(addr, previous, Outcome::Failed(msg));
-            continue;
-        }
-        log.info(&format!("{addr}: driver_override set to {VFIO_DRIVER}"));
-        if let Some(drv) = &previous {
-            let unbind = unbind_file(drv);
-            if let Err(e) = sys.write(&unbind, &addr.to_string()) {
-                let msg = if e.raw_os_error() == Some(ENOENT) && !root.exists(&unbind) {
-                    no_unbind_file(&root, drv)
-                } else {
-                    format!("unbinding from {drv}: {}", describe_io(&e))
-                };
-                log.error(&format!("{addr}: {msg}"));
-                let back = return_device(sys, log, addr, Some(drv));
-                in_flight.retain(|d| d.address != addr);
-                report.set(addr, previous, Outcome::Failed(format!("{msg}; {back}")));
-                continue;
-            }
-            log.info(&format!("{addr}: unbound from {drv}"));
-        }
-        inject_fault("after-unbind");
-        // Provisional: the verification below decides.
-        report.set(addr, previous, Outcome::Bound);
+        release_device(sys, &root, decision.address, log, report, in_flight);
     }
-
-    if in_flight.is_empty() {
+    if in_flight.is_empty() || !ensure_vfio_driver(sys, &root, log, report, in_flight) {
         return;
     }
-
-    let driver_dir = Path::new(paths::PCI_DRIVERS).join(VFIO_DRIVER);
-    if root.exists(&driver_dir) {
-        log.info(&format!("{VFIO_DRIVER} driver present"));
-    } else if let Err(e) = sys.load_module(VFIO_DRIVER) {
-        log.error(&format!("loading {VFIO_DRIVER}: {e}"));
-        for d in std::mem::take(in_flight) {
-            let back = return_device(sys, log, d.address, d.previous.as_deref());
-            let msg = format!("{VFIO_DRIVER} could not be loaded: {e}; {back}");
-            report.set(d.address, d.previous, Outcome::Failed(msg));
-        }
-        return;
-    } else {
-        log.info(&format!("loaded {VFIO_DRIVER}"));
-    }
-
     while let Some(d) = in_flight.first() {
         let addr = d.address;
         // vfio-pci claims overridden devices as it registers; probe the rest.
@@ -399,6 +330,96 @@ fn bind_all(
         in_flight.remove(0);
         report.set(addr, previous, outcome);
     }
+}
+
+/// First half of a bind: `driver_override = vfio-pci`, then unbind from the current
+/// driver. A device that is missing, already bound or refused is reported and left; one
+/// whose unbind fails is returned at once. The others stay in flight.
+fn release_device(
+    sys: &mut dyn Sysfs,
+    root: &Root,
+    addr: PciAddress,
+    log: &mut Log,
+    report: &mut BindReport,
+    in_flight: &mut Vec<InFlight>,
+) {
+    let dir = device_dir(addr);
+    if !root.exists(&dir) {
+        log.warn(&format!("{addr}: not present on this boot; skipped"));
+        report.set(addr, None, Outcome::Missing);
+        return;
+    }
+    let previous = current_driver(root, addr);
+    if previous.as_deref() == Some(VFIO_DRIVER) {
+        log.info(&format!("{addr}: already on {VFIO_DRIVER}"));
+        report.set(addr, previous, Outcome::AlreadyBound);
+        return;
+    }
+    if let Some(why) = refusal(root, addr, previous.as_deref()) {
+        log.error(&format!("{addr}: {why}"));
+        report.set(addr, previous, Outcome::Failed(why));
+        return;
+    }
+    // In flight from before the first write: if anything below panics, the guard in
+    // `bind_devices` returns this device (clearing an override that was never set is
+    // harmless).
+    in_flight.push(InFlight {
+        address: addr,
+        previous: previous.clone(),
+    });
+    if let Err(e) = sys.write(&dir.join("driver_override"), VFIO_DRIVER) {
+        in_flight.retain(|d| d.address != addr);
+        let msg = format!("setting driver_override: {}", describe_io(&e));
+        log.error(&format!("{addr}: {msg}; left as it is"));
+        report.set(addr, previous, Outcome::Failed(msg));
+        return;
+    }
+    log.info(&format!("{addr}: driver_override set to {VFIO_DRIVER}"));
+    if let Some(drv) = &previous {
+        let unbind = unbind_file(drv);
+        if let Err(e) = sys.write(&unbind, &addr.to_string()) {
+            let msg = if e.raw_os_error() == Some(ENOENT) && !root.exists(&unbind) {
+                no_unbind_file(root, drv)
+            } else {
+                format!("unbinding from {drv}: {}", describe_io(&e))
+            };
+            log.error(&format!("{addr}: {msg}"));
+            let back = return_device(sys, log, addr, Some(drv));
+            in_flight.retain(|d| d.address != addr);
+            report.set(addr, previous, Outcome::Failed(format!("{msg}; {back}")));
+            return;
+        }
+        log.info(&format!("{addr}: unbound from {drv}"));
+    }
+    inject_fault("after-unbind");
+    // Provisional: the verification below decides.
+    report.set(addr, previous, Outcome::Bound);
+}
+
+/// Makes sure the vfio-pci driver exists (modprobe unless present). When it cannot be
+/// loaded, every device in flight is returned to its driver and `false` comes back.
+fn ensure_vfio_driver(
+    sys: &mut dyn Sysfs,
+    root: &Root,
+    log: &mut Log,
+    report: &mut BindReport,
+    in_flight: &mut Vec<InFlight>,
+) -> bool {
+    let driver_dir = Path::new(paths::PCI_DRIVERS).join(VFIO_DRIVER);
+    if root.exists(&driver_dir) {
+        log.info(&format!("{VFIO_DRIVER} driver present"));
+    } else if let Err(e) = sys.load_module(VFIO_DRIVER) {
+        log.error(&format!("loading {VFIO_DRIVER}: {e}"));
+        for d in std::mem::take(in_flight) {
+            let back = return_device(sys, log, d.address, d.previous.as_deref());
+            let msg = format!("{VFIO_DRIVER} could not be loaded: {e}; {back}");
+            report.set(d.address, d.previous, Outcome::Failed(msg));
+        }
+        return false;
+    } else {
+        log.info(&format!("loaded {VFIO_DRIVER}"));
+    }
+    true
 }
 
 /// Returns a device the binder could not take to where it was: `driver_override`

@@ -64,177 +64,199 @@ impl FromStr for KernelToken {
     type Err = TokenError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let quoted_value_fix = "to keep spaces in a value, enclose the value in double \
-                                quotes: param=\"a b\" (in TOML: 'param=\"a b\"')";
-        if s.is_empty() {
-            return Err(refuse(
-                "an empty kernel argument".into(),
-                "remove the empty string from the list",
-            ));
-        }
-        if let Some(c) = s.chars().find(|c| c.is_control()) {
-            let fix = if c == '\n' || c == '\r' {
-                "the kernel command line is one line: write each argument as its own list \
-                 element"
-            } else {
-                "remove the control character"
-            };
-            return Err(refuse(
-                format!(
-                    "`{}` has a control character ({}) in a kernel argument",
-                    shown(s),
-                    shown(&c.to_string())
-                ),
-                fix,
-            ));
-        }
-        if let Some(c) = s.chars().find(|c| !c.is_ascii()) {
-            return Err(refuse(
-                format!(
-                    "`{}` has a character that is not ASCII (`{c}`, U+{:04X})",
-                    shown(s),
-                    u32::from(c)
-                ),
-                "write kernel arguments in ASCII; the kernel reads some bytes of other \
-                 characters as spaces or control characters",
-            ));
-        }
-        if s.contains('\'') {
-            return Err(refuse(
-                format!(
-                    "`{}` has a single quote; the kernel reads quotes only as `\"`",
-                    shown(s)
-                ),
-                quoted_value_fix,
-            ));
-        }
-        if s.contains('\\') {
-            // Tutorials escape `$` for GRUB by hand (`memmap=4G\$4G`); vfio-early does.
-            let fix = match s.replace('\\', "").parse::<KernelToken>() {
-                Ok(t) => format!(
-                    "write `{}`: vfio-early quotes each argument for GRUB itself",
-                    shown(&t)
-                ),
-                Err(_) => format!("remove the backslash; {quoted_value_fix}"),
-            };
-            return Err(refuse(
-                format!(
-                    "`{}` has a backslash; the kernel has no escapes, and GRUB would pass \
-                     it on doubled",
-                    shown(s)
-                ),
-                fix,
-            ));
-        }
-        if s.starts_with(' ') || s.ends_with(' ') {
-            return Err(refuse(
-                format!("`{}` has a space before or after the argument", shown(s)),
-                format!("remove the spaces around it; {quoted_value_fix}"),
-            ));
-        }
-        if s.matches('"').count() % 2 == 1 {
-            return Err(refuse(
-                format!(
-                    "`{}` has an unbalanced double quote; the kernel would read the rest \
-                     of the command line into this argument",
-                    shown(s)
-                ),
-                "close the quote at the end of the value: param=\"a b\"",
-            ));
-        }
-        let args = split_args(s);
-        if args.len() > 1 {
-            // A few elements make the point; a pasted command line may hold hundreds.
-            let mut list: Vec<String> = args
-                .iter()
-                .take(4)
-                .map(|a| format!("\"{}\"", shown(a)))
-                .collect();
-            if args.len() > 4 {
-                list.push("…".to_string());
-            }
-            return Err(refuse(
-                format!("`{}` is {} kernel arguments, not one", shown(s), args.len()),
-                format!(
-                    "write each argument as its own list element: [{}]; {quoted_value_fix}",
-                    list.join(", ")
-                ),
-            ));
-        }
-        let (param, value) = match s.split_once('=') {
-            Some((p, v)) => (p, Some(v)),
-            None => (s, None),
-        };
-        if param.starts_with('"') {
-            let inner = s.trim_matches('"');
-            let fix = match inner.split_once('=') {
-                Some((p, v)) => format!("quote only the value: {p}=\"{v}\""),
-                None => "remove the quotes".to_string(),
-            };
-            return Err(refuse(
-                format!("`{}` is quoted as a whole", shown(s)),
-                shown(&fix),
-            ));
-        }
-        if param.is_empty() {
-            return Err(refuse(
-                format!("`{}` has no parameter name before `=`", shown(s)),
-                "write it as param=value",
-            ));
-        }
-        if let Some(c) = param.chars().find(|c| !is_param_char(*c)) {
-            return Err(refuse(
-                format!(
-                    "`{}` is not a kernel parameter: `{c}` cannot appear in a parameter name",
-                    shown(s)
-                ),
-                format!(
-                    "parameter names use letters, digits and `{PARAM_PUNCT}`; anything \
-                     else belongs in a value, after `=`"
-                ),
-            ));
-        }
-        if let Some(v) = value {
-            let inner = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v);
-            if inner.contains('"') {
-                return Err(refuse(
-                    format!(
-                        "`{}` has a double quote inside its value; quotes may only enclose \
-                         the whole value",
-                        shown(s)
-                    ),
-                    shown(&format!(
-                        "enclose the whole value, with no quote inside: {param}=\"{}\"",
-                        inner.replace('"', "")
-                    )),
-                ));
-            }
-            if inner.contains("  ") {
-                return Err(refuse(
-                    format!(
-                        "`{}` has spaces in a row; kernel-install and ukify squeeze them \
-                         to one",
-                        shown(s)
-                    ),
-                    "separate words in a value by single spaces",
-                ));
-            }
-        }
-        if s.len() > MAX_TOKEN_LEN {
-            return Err(refuse(
-                format!(
-                    "a kernel argument of {} bytes is longer than the kernel's whole \
-                     command line ({MAX_TOKEN_LEN} bytes on x86)",
-                    s.len()
-                ),
-                "shorten the argument",
-            ));
-        }
+        check_characters(s)?;
+        check_shape(s)?;
+        check_param_and_value(s)?;
         Ok(KernelToken(s.to_string()))
     }
+}
+
+const QUOTED_VALUE_FIX: &str = "to keep spaces in a value, enclose the value in double \
+                                quotes: param=\"a b\" (in TOML: 'param=\"a b\"')";
+
+/// No empty token, control character, non-ASCII character, single quote or backslash.
+fn check_characters(s: &str) -> Result<(), TokenError> {
+    let quoted_value_fix = QUOTED_VALUE_FIX;
+    if s.is_empty() {
+        return Err(refuse(
+            "an empty kernel argument".into(),
+            "remove the empty string from the list",
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        let fix = if c == '\n' || c == '\r' {
+            "the kernel command line is one line: write each argument as its own list \
+                 element"
+        } else {
+            "remove the control character"
+        };
+        return Err(refuse(
+            format!(
+                "`{}` has a control character ({}) in a kernel argument",
+                shown(s),
+                shown(&c.to_string())
+            ),
+            fix,
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii()) {
+        return Err(refuse(
+            format!(
+                "`{}` has a character that is not ASCII (`{c}`, U+{:04X})",
+                shown(s),
+                u32::from(c)
+            ),
+            "write kernel arguments in ASCII; the kernel reads some bytes of other \
+                 characters as spaces or control characters",
+        ));
+    }
+    if s.contains('\'') {
+        return Err(refuse(
+            format!(
+                "`{}` has a single quote; the kernel reads quotes only as `\"`",
+                shown(s)
+            ),
+            quoted_value_fix,
+        ));
+    }
+    if s.contains('\\') {
+        // Tutorials escape `$` for GRUB by hand (`memmap=4G\$4G`); vfio-early does.
+        let fix = match s.replace('\\', "").parse::<KernelToken>() {
+            Ok(t) => format!(
+                "write `{}`: vfio-early quotes each argument for GRUB itself",
+                shown(&t)
+            ),
+            Err(_) => format!("remove the backslash; {quoted_value_fix}"),
+        };
+        return Err(refuse(
+            format!(
+                "`{}` has a backslash; the kernel has no escapes, and GRUB would pass \
+                     it on doubled",
+                shown(s)
+            ),
+            fix,
+        ));
+    }
+    Ok(())
+}
+
+/// No spaces around, balanced quotes, one argument as the kernel splits them.
+fn check_shape(s: &str) -> Result<(), TokenError> {
+    let quoted_value_fix = QUOTED_VALUE_FIX;
+    if s.starts_with(' ') || s.ends_with(' ') {
+        return Err(refuse(
+            format!("`{}` has a space before or after the argument", shown(s)),
+            format!("remove the spaces around it; {quoted_value_fix}"),
+        ));
+    }
+    if s.matches('"').count() % 2 == 1 {
+        return Err(refuse(
+            format!(
+                "`{}` has an unbalanced double quote; the kernel would read the rest \
+                     of the command line into this argument",
+                shown(s)
+            ),
+            "close the quote at the end of the value: param=\"a b\"",
+        ));
+    }
+    let args = split_args(s);
+    if args.len() > 1 {
+        // A few elements make the point; a pasted command line may hold hundreds.
+        let mut list: Vec<String> = args
+            .iter()
+            .take(4)
+            .map(|a| format!("\"{}\"", shown(a)))
+            .collect();
+        if args.len() > 4 {
+            list.push("…".to_string());
+        }
+        return Err(refuse(
+            format!("`{}` is {} kernel arguments, not one", shown(s), args.len()),
+            format!(
+                "write each argument as its own list element: [{}]; {quoted_value_fix}",
+                list.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A parameter name the kernel reads as one, a value quoted whole or not at all, and a
+/// length the command line can hold.
+fn check_param_and_value(s: &str) -> Result<(), TokenError> {
+    let (param, value) = match s.split_once('=') {
+        Some((p, v)) => (p, Some(v)),
+        None => (s, None),
+    };
+    if param.starts_with('"') {
+        let inner = s.trim_matches('"');
+        let fix = match inner.split_once('=') {
+            Some((p, v)) => format!("quote only the value: {p}=\"{v}\""),
+            None => "remove the quotes".to_string(),
+        };
+        return Err(refuse(
+            format!("`{}` is quoted as a whole", shown(s)),
+            shown(&fix),
+        ));
+    }
+    if param.is_empty() {
+        return Err(refuse(
+            format!("`{}` has no parameter name before `=`", shown(s)),
+            "write it as param=value",
+        ));
+    }
+    if let Some(c) = param.chars().find(|c| !is_param_char(*c)) {
+        return Err(refuse(
+            format!(
+                "`{}` is not a kernel parameter: `{c}` cannot appear in a parameter name",
+                shown(s)
+            ),
+            format!(
+                "parameter names use letters, digits and `{PARAM_PUNCT}`; anything \
+                     else belongs in a value, after `=`"
+            ),
+        ));
+    }
+    if let Some(v) = value {
+        let inner = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
+        if inner.contains('"') {
+            return Err(refuse(
+                format!(
+                    "`{}` has a double quote inside its value; quotes may only enclose \
+                         the whole value",
+                    shown(s)
+                ),
+                shown(&format!(
+                    "enclose the whole value, with no quote inside: {param}=\"{}\"",
+                    inner.replace('"', "")
+                )),
+            ));
+        }
+        if inner.contains("  ") {
+            return Err(refuse(
+                format!(
+                    "`{}` has spaces in a row; kernel-install and ukify squeeze them \
+                         to one",
+                    shown(s)
+                ),
+                "separate words in a value by single spaces",
+            ));
+        }
+    }
+    if s.len() > MAX_TOKEN_LEN {
+        return Err(refuse(
+            format!(
+                "a kernel argument of {} bytes is longer than the kernel's whole \
+                     command line ({MAX_TOKEN_LEN} bytes on x86)",
+                s.len()
+            ),
+            "shorten the argument",
+        ));
+    }
+    Ok(())
 }
 
 impl KernelToken {
