@@ -681,11 +681,16 @@ pub fn compute_prepare(
             )
         }
     };
-    let dirs_created: Vec<String> = TRIAL_DIRS
-        .iter()
-        .filter(|d| !f.existing_dirs.contains(**d))
-        .map(|d| d.to_string())
-        .collect();
+    // An earlier trial's directories stay ours: they exist now only because of it.
+    let mut dirs_created: Vec<String> = match &f.state {
+        Ok(Some(old)) => old.dirs_created.clone(),
+        _ => Vec::new(),
+    };
+    for d in TRIAL_DIRS.iter().filter(|d| !f.existing_dirs.contains(**d)) {
+        if !dirs_created.iter().any(|x| x == d) {
+            dirs_created.push(d.to_string());
+        }
+    }
     let intent = State {
         schema: 1,
         phase: Phase::Preparing,
@@ -1206,7 +1211,18 @@ fn finish_commit(
         config_text: &text,
         plan: &ctx.plan,
     };
-    let mut ch = apply::compute(Some(&target), &ctx.machine, &ctx.host)?;
+    // Where /etc/kernel/cmdline is missing, apply seeds it from /proc/cmdline: in the
+    // trial boot that carries the trial entry's arguments, `vfio_early.trial` among
+    // them, which must never reach the default boot.
+    let mut machine = ctx.machine.clone();
+    if let Some(c) = &machine.cmdline {
+        machine.cmdline = Some(
+            crate::kargs::remove_tokens(c, &state.entry_args)
+                .trim_end()
+                .to_string(),
+        );
+    }
+    let mut ch = apply::compute(Some(&target), &machine, &ctx.host)?;
     apply::commit(root, &ch, w)?;
     let bless = facts.trial_boot() && state.bootloader == Method::SystemdBoot;
     let mut kept = Vec::new();
