@@ -792,6 +792,25 @@ const PROVING_CHECKS: &[&str] = &[
     "framebuffer",
 ];
 
+/// The report with only the [`PROVING_CHECKS`], its verdict theirs.
+pub fn proving(report: &Report) -> Report {
+    let checks: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|c| PROVING_CHECKS.contains(&c.id))
+        .cloned()
+        .collect();
+    Report {
+        schema: report.schema,
+        verdict: checks
+            .iter()
+            .map(|c| c.verdict)
+            .max()
+            .unwrap_or(Verdict::Pass),
+        checks,
+    }
+}
+
 /// Whether a trial boot's `status` report proves the trial (pure): no proving check
 /// fails, and no configured device is absent (a trial must show every device on
 /// vfio-pci, where `status` only warns). `Ok` says what passed, `Err` why it failed.
@@ -1125,7 +1144,6 @@ fn verify_here(
     let mut booted = state.at(Phase::Booted, None, now());
     booted.booted_boot = facts.boot_id.clone();
     write_state(root, &booted, w)?;
-    log.info("trial boot: checking the trial configuration");
     let verdict = match trial_context(root, &booted) {
         Err(e) => Err(e),
         Ok(ctx) if ctx.plan.has_errors() => Err(ctx
@@ -1137,7 +1155,7 @@ fn verify_here(
             .collect::<Vec<_>>()
             .join("; ")),
         Ok(ctx) => {
-            let report = evaluate_trial(&ctx, &booted);
+            let report = proving(&evaluate_trial(&ctx, &booted));
             crate::out!("{}", status::render_table(&report))?;
             judge(&report)
         }

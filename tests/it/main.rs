@@ -16,3 +16,4 @@ mod rom;
 mod status;
 mod sysdisk;
 mod tidy;
+mod trial;
