@@ -116,10 +116,19 @@ pub enum Cmd {
     },
     /// Inspect, force or cancel a trial made by `apply --trial`.
     ///
-    /// A trial boots a new configuration once. Its state is in
-    /// /var/lib/vfio-early/trial/: prepared (the next boot tries it), booted,
-    /// committed (it is the default now), or failed (the previous
-    /// configuration boots, and `status` says why).
+    /// The safe way to apply on a remote host: `vfio-early apply --trial`,
+    /// then `reboot`. The next boot, and only that one, uses the new
+    /// configuration; vfio-early-verify.service runs status's checks there and
+    /// keeps it (exactly as `apply` would have written it) or drops it. If the
+    /// trial boot hangs, panics (the trial entry carries panic=10) or is
+    /// reset, the boot after it is the previous configuration, with nobody at
+    /// the console. Then `vfio-early trial status` (or `status`) says
+    /// "trial committed", or "trial failed: ...; the previous configuration
+    /// boots next".
+    ///
+    /// A trial's state is in /var/lib/vfio-early/trial/: prepared (the next
+    /// boot tries it), booted, committed, or failed. `undo` removes a trial
+    /// too; a plain `apply` is refused while one is under way.
     #[command(subcommand)]
     Trial(TrialCmd),
     /// Remove every file apply wrote, take its tokens out of /etc/kernel/cmdline,
