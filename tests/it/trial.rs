@@ -807,3 +807,48 @@ fn the_trial_commands_teach_in_their_help() {
     assert!(apply.contains("--trial"), "{apply}");
     assert!(!apply.contains("--trial-arg"), "{apply}");
 }
+
+#[test]
+fn a_dry_run_shows_the_trial_and_writes_nothing() {
+    let m = grub_host();
+    m.config(TRIED);
+    let before = m.tree();
+    let out = ok(&m, &["apply", "--trial", "--dry-run"]);
+    assert!(out.contains("would write /etc/grub.d/42_vfio-early-trial:"), "{out}");
+    assert!(out.contains("would run: grub-reboot vfio-early-trial"), "{out}");
+    assert_eq!(m.tree(), before);
+}
+
+#[test]
+fn trial_commit_keeps_a_trial_without_waiting_and_takes_back_its_one_shot() {
+    let m = grub_host();
+    m.config(TRIED);
+    ok(&m, &["apply", "--trial"]);
+    let json = ok(&m, &["trial", "status", "--json"]);
+    assert!(json.contains("\"phase\": \"prepared\""), "{json}");
+    // As grub-reboot left it.
+    let env = m.read("boot/grub/grubenv").replacen(
+        "# GRUB Environment Block\n",
+        "# GRUB Environment Block\nnext_entry=vfio-early-trial\n",
+        1,
+    );
+    m.write("boot/grub/grubenv", &env[..1024]);
+    let out = ok(&m, &["trial", "commit"]);
+    assert!(
+        out.contains("would run: grub-editenv /boot/grub/grubenv unset next_entry"),
+        "{out}"
+    );
+    assert!(out.contains("without verification"), "{out}");
+    let twin = grub_host();
+    twin.config(TRIED);
+    ok(&twin, &["apply"]);
+    for f in DEFAULT_BOOT.iter().filter(|f| !f.ends_with("grubenv")) {
+        assert_eq!(m.read(f), twin.read(f), "/{f} differs from a plain apply");
+    }
+    assert!(!m.path("etc/grub.d/42_vfio-early-trial").exists());
+    assert!(ok(&m, &["trial", "commit"]).contains("already committed"));
+    // A finished trial is cleared by the next plain apply.
+    ok(&m, &["apply"]);
+    assert!(!m.path("var/lib/vfio-early/trial").exists());
+    assert_eq!(ok(&m, &["trial", "status", "--json"]), "null\n");
+}
