@@ -960,11 +960,17 @@ pub fn prepare(ctx: &Context, opts: &Options, w: &mut dyn Writer) -> anyhow::Res
     for dir in [paths::TRIAL_DIR, "etc/grub.d"] {
         let _ = root.clean_leftovers(dir);
     }
-    write_state(root, &p.intent, w)?;
-    for f in &p.writes {
-        apply_write(root, f, w)?;
-    }
     let not_armed = "the trial is not armed and the default boot is unchanged";
+    let unfinished = |e: anyhow::Error| {
+        anyhow::anyhow!(
+            "{e}; nothing is half-written and {not_armed}
+fix: run `vfio-early apply              --trial` again, or remove the trial with `vfio-early trial abort`"
+        )
+    };
+    write_state(root, &p.intent, w).map_err(unfinished)?;
+    for f in &p.writes {
+        apply_write(root, f, w).map_err(unfinished)?;
+    }
     if let Err(e) = run_commands(root, &p.commands) {
         anyhow::bail!(
             "{e}; {not_armed}\nfix: fix the cause above and run `vfio-early apply --trial` \
@@ -985,7 +991,11 @@ pub fn prepare(ctx: &Context, opts: &Options, w: &mut dyn Writer) -> anyhow::Res
     if let Err(e) = run_commands(root, std::slice::from_ref(&p.arm)) {
         anyhow::bail!("{e}; {not_armed}\nfix: `vfio-early trial abort` removes the trial");
     }
-    write_state(root, &p.ready, w)?;
+    write_state(root, &p.ready, w).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; the trial is armed: the next boot tries it (the state says `preparing`,              which the trial boot accepts)"
+        )
+    })?;
     crate::out!(
         "trial prepared: the next boot, and only that one, uses the new configuration; \
          vfio-early-verify.service checks it there and keeps it, or the boot after falls \
@@ -1044,6 +1054,26 @@ pub fn verify(root: &Root, w: &mut dyn Writer) -> anyhow::Result<Outcome> {
     let facts = Facts::read(root);
     let mut log = Log::kmsg(root);
     let trial_boot = facts.trial_boot();
+    match verify_steps(root, &facts, w, &mut log) {
+        Ok(outcome) => Ok(outcome),
+        // Never fail an ordinary boot's boot-complete.target (with systemd-boot's
+        // counting, that would count its default entry down): log, exit 0. In the trial
+        // boot the error is the failure.
+        Err(e) if !trial_boot => {
+            log.error(&format!("trial: {e:#}"));
+            Ok(Outcome::Ok)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn verify_steps(
+    root: &Root,
+    facts: &Facts,
+    w: &mut dyn Writer,
+    log: &mut Log,
+) -> anyhow::Result<Outcome> {
+    let trial_boot = facts.trial_boot();
     let state = match &facts.state {
         Ok(Some(s)) => s.clone(),
         Ok(None) => {
@@ -1059,29 +1089,29 @@ pub fn verify(root: &Root, w: &mut dyn Writer) -> anyhow::Result<Outcome> {
             return Ok(Outcome::failed_if(trial_boot));
         }
     };
-    let leftovers = !existing_entries(root, &state, &facts).is_empty();
+    let leftovers = !existing_entries(root, &state, facts).is_empty();
     match next_step(&state, trial_boot, facts.boot_id.as_deref(), leftovers) {
         Step::Nothing(why) => {
             crate::out!("vfio-early trial: nothing to do: {why}\n")?;
             Ok(Outcome::Ok)
         }
-        Step::Verify => verify_here(root, &facts, &state, w, &mut log),
+        Step::Verify => verify_here(root, facts, &state, w, log),
         Step::FinishCommit => {
             let reason = state.reason.clone().unwrap_or_default();
-            finish_commit(root, &facts, &state, reason, w, &mut log)?;
+            finish_commit(root, facts, &state, reason, w, log)?;
             Ok(Outcome::Ok)
         }
         Step::Fail(reason) => {
-            fail(root, &facts, &state, &reason, w, &mut log)?;
+            fail(root, facts, &state, &reason, w, log)?;
             Ok(Outcome::Ok)
         }
         Step::FinishFailure => {
             let reason = state.reason.clone().unwrap_or_default();
-            fail(root, &facts, &state, &reason, w, &mut log)?;
+            fail(root, facts, &state, &reason, w, log)?;
             Ok(Outcome::Ok)
         }
         Step::RemoveLeftovers => {
-            for p in existing_entries(root, &state, &facts) {
+            for p in existing_entries(root, &state, facts) {
                 apply_write(root, &removal(&p), w)?;
             }
             Ok(Outcome::Ok)
