@@ -68,7 +68,6 @@ pub const GRUB_LINUX_SCRIPT: &str = "etc/grub.d/10_linux";
 /// GRUB's environment block (`next_entry`, set by `grub-reboot`).
 pub const GRUBENV: &str = "boot/grub/grubenv";
 pub const GRUB_REBOOT: &str = "usr/sbin/grub-reboot";
-pub const GRUB_EDITENV: &str = "usr/bin/grub-editenv";
 /// `bootctl` (from systemd-boot, or systemd-boot-tools where that package is split off).
 pub const BOOTCTL: &[&str] = &["usr/bin/bootctl", "bin/bootctl"];
 /// kernel-install's config (`layout=uki` makes unified kernel images).
@@ -159,7 +158,6 @@ pub const ALL: &[&str] = &[
     GRUB_LINUX_SCRIPT,
     GRUBENV,
     GRUB_REBOOT,
-    GRUB_EDITENV,
     LOADER_ENTRIES,
     EFIVAR_ONESHOT,
     BOOT_ID,
