@@ -46,6 +46,9 @@ _vfio__early() {
             vfio__early,status)
                 cmd="vfio__early__subcmd__status"
                 ;;
+            vfio__early,trial)
+                cmd="vfio__early__subcmd__trial"
+                ;;
             vfio__early,undo)
                 cmd="vfio__early__subcmd__undo"
                 ;;
@@ -79,6 +82,9 @@ _vfio__early() {
             vfio__early__subcmd__help,status)
                 cmd="vfio__early__subcmd__help__subcmd__status"
                 ;;
+            vfio__early__subcmd__help,trial)
+                cmd="vfio__early__subcmd__help__subcmd__trial"
+                ;;
             vfio__early__subcmd__help,undo)
                 cmd="vfio__early__subcmd__help__subcmd__undo"
                 ;;
@@ -93,6 +99,21 @@ _vfio__early() {
                 ;;
             vfio__early__subcmd__help__subcmd__rom,dump)
                 cmd="vfio__early__subcmd__help__subcmd__rom__subcmd__dump"
+                ;;
+            vfio__early__subcmd__help__subcmd__trial,abort)
+                cmd="vfio__early__subcmd__help__subcmd__trial__subcmd__abort"
+                ;;
+            vfio__early__subcmd__help__subcmd__trial,commit)
+                cmd="vfio__early__subcmd__help__subcmd__trial__subcmd__commit"
+                ;;
+            vfio__early__subcmd__help__subcmd__trial,grub-entry)
+                cmd="vfio__early__subcmd__help__subcmd__trial__subcmd__grub__subcmd__entry"
+                ;;
+            vfio__early__subcmd__help__subcmd__trial,status)
+                cmd="vfio__early__subcmd__help__subcmd__trial__subcmd__status"
+                ;;
+            vfio__early__subcmd__help__subcmd__trial,verify)
+                cmd="vfio__early__subcmd__help__subcmd__trial__subcmd__verify"
                 ;;
             vfio__early__subcmd__initramfs,examine)
                 cmd="vfio__early__subcmd__initramfs__subcmd__examine"
@@ -130,6 +151,42 @@ _vfio__early() {
             vfio__early__subcmd__rom__subcmd__help,help)
                 cmd="vfio__early__subcmd__rom__subcmd__help__subcmd__help"
                 ;;
+            vfio__early__subcmd__trial,abort)
+                cmd="vfio__early__subcmd__trial__subcmd__abort"
+                ;;
+            vfio__early__subcmd__trial,commit)
+                cmd="vfio__early__subcmd__trial__subcmd__commit"
+                ;;
+            vfio__early__subcmd__trial,grub-entry)
+                cmd="vfio__early__subcmd__trial__subcmd__grub__subcmd__entry"
+                ;;
+            vfio__early__subcmd__trial,help)
+                cmd="vfio__early__subcmd__trial__subcmd__help"
+                ;;
+            vfio__early__subcmd__trial,status)
+                cmd="vfio__early__subcmd__trial__subcmd__status"
+                ;;
+            vfio__early__subcmd__trial,verify)
+                cmd="vfio__early__subcmd__trial__subcmd__verify"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,abort)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__abort"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,commit)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__commit"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,grub-entry)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__grub__subcmd__entry"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,help)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__help"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,status)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__status"
+                ;;
+            vfio__early__subcmd__trial__subcmd__help,verify)
+                cmd="vfio__early__subcmd__trial__subcmd__help__subcmd__verify"
+                ;;
             *)
                 ;;
         esac
@@ -137,7 +194,7 @@ _vfio__early() {
 
     case "${cmd}" in
         vfio__early)
-            opts="-h -V --root --config --help --version list check bind apply undo hook-files status rom initramfs debug-dump help"
+            opts="-h -V --root --config --help --version list check bind apply trial undo hook-files status rom initramfs debug-dump help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -159,12 +216,16 @@ _vfio__early() {
             return 0
             ;;
         vfio__subcmd__early__subcmd__apply)
-            opts="-h --dry-run --force --if-configured --wait --root --config --help"
+            opts="-h --dry-run --force --if-configured --trial --trial-arg --wait --root --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --trial-arg)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -259,7 +320,7 @@ _vfio__early() {
             return 0
             ;;
         vfio__subcmd__early__subcmd__help)
-            opts="list check bind apply undo hook-files status rom initramfs debug-dump help"
+            opts="list check bind apply trial undo hook-files status rom initramfs debug-dump help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -457,6 +518,90 @@ _vfio__early() {
         vfio__subcmd__early__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial)
+            opts="status commit abort verify grub-entry"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial__subcmd__abort)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial__subcmd__commit)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial__subcmd__grub__subcmd__entry)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__help__subcmd__trial__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -793,6 +938,248 @@ _vfio__early() {
                 return 0
             fi
             case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial)
+            opts="-h --root --config --help status commit abort verify grub-entry help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__abort)
+            opts="-h --wait --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__commit)
+            opts="-h --wait --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__grub__subcmd__entry)
+            opts="-h --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help)
+            opts="status commit abort verify grub-entry help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__abort)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__commit)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__grub__subcmd__entry)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__help__subcmd__verify)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__status)
+            opts="-h --json --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        vfio__subcmd__early__subcmd__trial__subcmd__verify)
+            opts="-h --wait --root --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --root)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -71,6 +71,11 @@ impl Changes {
 pub trait Writer {
     fn write(&mut self, root: &Root, rel: &str, contents: &str) -> io::Result<()>;
     fn remove(&mut self, root: &Root, rel: &str) -> io::Result<()>;
+    /// A script another tool runs (mode 0755): the trial's GRUB script. Writers that
+    /// only count or fail writes may keep this default.
+    fn write_executable(&mut self, root: &Root, rel: &str, contents: &str) -> io::Result<()> {
+        self.write(root, rel, contents)
+    }
 }
 
 /// Atomic writes through the root.
@@ -82,6 +87,9 @@ impl Writer for AtomicWriter {
     }
     fn remove(&mut self, root: &Root, rel: &str) -> io::Result<()> {
         root.remove_file(rel)
+    }
+    fn write_executable(&mut self, root: &Root, rel: &str, contents: &str) -> io::Result<()> {
+        root.write_atomic_mode(rel, contents.as_bytes(), crate::root::FileMode::Executable)
     }
 }
 
@@ -336,7 +344,8 @@ fn kernel_install_runs_after(host: &Host) -> bool {
     host.generator == Generator::InitramfsTools && host.boot.kernel_install_hook
 }
 
-fn initramfs_command(generator: Generator) -> Vec<String> {
+/// The command that rebuilds every installed kernel's initramfs.
+pub fn initramfs_command(generator: Generator) -> Vec<String> {
     match generator {
         Generator::InitramfsTools => vec![
             "update-initramfs".into(),
@@ -496,6 +505,11 @@ pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
         crate::errln!("vfio-early: nothing was written");
         return Ok(Outcome::Failed);
     }
+    // A trial under way would undo this apply when it commits: refused until it ends.
+    if let Some(why) = crate::trial::before_apply(&ctx.root, opts.dry_run, &mut AtomicWriter)? {
+        crate::errln!("vfio-early: {why}");
+        return Ok(Outcome::Failed);
+    }
     let target = Target {
         forced: opts.force,
         config: &ctx.config,
@@ -514,6 +528,14 @@ pub fn apply(ctx: &Context, opts: Options) -> anyhow::Result<Outcome> {
 /// `vfio-early undo`: apply towards the empty state. Needs no config (it may be the
 /// thing that is broken).
 pub fn undo(root: &Root, dry_run: bool) -> anyhow::Result<Outcome> {
+    // A trial goes first (its entry, its one-shot choice, its state), then what apply
+    // wrote.
+    crate::trial::discard(
+        root,
+        "removed by `vfio-early undo`",
+        dry_run,
+        &mut AtomicWriter,
+    )?;
     let machine = crate::machine::discover(root);
     let host = Host::read(root, machine.cmdline.as_deref());
     converge(root, None, &machine, &host, dry_run)
@@ -551,7 +573,8 @@ pub fn hook_files(root: &Root, version: &str) -> anyhow::Result<Outcome> {
     // Only the owned files matter here, not what booted.
     let host = Host::read(root, None);
     let km = KernelModules::read(root, version);
-    crate::out!("{}", render_hook_files(&host, &km))?;
+    let trial = crate::trial::hook_lines(root);
+    crate::out!("{}", render_hook_files(&host, &km, &trial))?;
     Ok(Outcome::Ok)
 }
 
@@ -638,17 +661,24 @@ fn file_verb(c: &FileChange, dry_run: bool) -> &'static str {
 }
 
 /// The lines the initramfs hooks read: files to copy and modules to add for the
-/// kernel `km` (read for that version). Empty when no device is configured (the hooks
-/// then add nothing).
-pub fn render_hook_files(host: &Host, km: &KernelModules) -> String {
-    if !host.has(APPLIED) {
+/// kernel `km` (read for that version), and `trial`'s lines while a trial may boot
+/// ([`crate::trial::hook_lines`]). Empty when no device is configured and no trial is
+/// prepared (the hooks then add nothing).
+pub fn render_hook_files(host: &Host, km: &KernelModules, trial: &[String]) -> String {
+    if !host.has(APPLIED) && trial.is_empty() {
         return String::new();
     }
-    let mut out = format!("file /{APPLIED} /{}\n", paths::CONFIG);
-    for f in [MODPROBE, FORCED] {
-        if host.has(f) {
-            let _ = writeln!(out, "file /{f} /{f}");
+    let mut out = String::new();
+    if host.has(APPLIED) {
+        let _ = writeln!(out, "file /{APPLIED} /{}", paths::CONFIG);
+        for f in [MODPROBE, FORCED] {
+            if host.has(f) {
+                let _ = writeln!(out, "file /{f} /{f}");
+            }
         }
+    }
+    for line in trial {
+        let _ = writeln!(out, "{line}");
     }
     let mods: Vec<&str> = if km.loadable.is_empty() {
         // Unknown kernel tree: name them all; the hooks tolerate missing ones.

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::context::{self, ConfigNeed, Context, PlanMode};
 use crate::outcome::{Outcome, StdoutError};
 use crate::root::Root;
-use crate::{apply, bind, check, dump, early, initramfs, list, lock, rom, status};
+use crate::{apply, bind, check, dump, early, initramfs, list, lock, rom, status, trial};
 
 const AFTER_HELP: &str = "\
 Typical use:
@@ -24,6 +24,10 @@ Typical use:
   vfio-early apply           kernel arguments, modprobe config, initramfs
   reboot
   vfio-early undo            remove everything apply wrote
+
+On a remote host, try first: `vfio-early apply --trial`, then reboot; the
+trial boot checks itself and keeps the new configuration, or the boot after
+falls back to the old one by itself.
 
 Exit status: 0 ok, 1 a check or action failed, 2 bad usage or bad config.";
 
@@ -84,12 +88,49 @@ pub enum Cmd {
         force: bool,
         /// Do nothing unless the config has device entries or an earlier apply
         /// left files (used by the package's postinst).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "trial")]
         if_configured: bool,
+        /// Try the config for one boot first, changing nothing of the default
+        /// boot: prepare a boot entry that carries it (GRUB with grub-reboot, or
+        /// systemd-boot with a one-shot, boot-counted entry) and rebuild the
+        /// initramfs with both configs. In that boot vfio-early-verify.service
+        /// runs status's checks and keeps the config (as `apply` would write it)
+        /// or drops it; a boot that hangs or panics falls back to the current
+        /// configuration at the next boot by itself. Refused, writing nothing,
+        /// where a one-shot boot cannot be made safely (grubenv on btrfs, ZFS,
+        /// LVM or md RAID; proxmox-boot-tool; unified kernel images). See
+        /// `vfio-early trial --help`.
+        #[arg(long)]
+        trial: bool,
+        /// For tests: an extra kernel argument on the trial entry only.
+        #[arg(
+            long = "trial-arg",
+            value_name = "ARG",
+            requires = "trial",
+            hide = true
+        )]
+        trial_arg: Vec<String>,
         /// How long to wait for another apply or undo on the same root to finish.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         wait: u64,
     },
+    /// Inspect, force or cancel a trial made by `apply --trial`.
+    ///
+    /// The safe way to apply on a remote host: `vfio-early apply --trial`,
+    /// then `reboot`. The next boot, and only that one, uses the new
+    /// configuration; vfio-early-verify.service runs status's checks there and
+    /// keeps it (exactly as `apply` would have written it) or drops it. If the
+    /// trial boot hangs, panics (the trial entry carries panic=10) or is
+    /// reset, the boot after it is the previous configuration, with nobody at
+    /// the console. Then `vfio-early trial status` (or `status`) says
+    /// "trial committed", or "trial failed: ...; the previous configuration
+    /// boots next".
+    ///
+    /// A trial's state is in /var/lib/vfio-early/trial/: prepared (the next
+    /// boot tries it), booted, committed, or failed. `undo` removes a trial
+    /// too; a plain `apply` is refused while one is under way.
+    #[command(subcommand)]
+    Trial(TrialCmd),
     /// Remove every file apply wrote, take its tokens out of /etc/kernel/cmdline,
     /// and regenerate: the system returns to how it was before apply.
     Undo {
@@ -116,7 +157,7 @@ pub enum Cmd {
     /// "device", "summary", "fix"}]}, V being "pass", "warn" or "fail"; "device"
     /// is a PCI address or null. Check ids: iommu, interrupt-remapping, cmdline,
     /// applied, bootloader, next-boot, initramfs, vfio-modules, device, iommu-group,
-    /// framebuffer, reset-method. Fields and ids are added, never renamed.
+    /// framebuffer, reset-method, trial. Fields and ids are added, never renamed.
     Status {
         /// Print stable JSON instead of a table.
         #[arg(long)]
@@ -137,6 +178,46 @@ pub enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrialCmd {
+    /// Show the trial: its phase and since when, the bootloader that boots it,
+    /// its kernel arguments, and what failed if it did.
+    Status {
+        /// Print the state file's JSON (`null` when there is no trial).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the trial's configuration the default now, as `apply` would write
+    /// it, without waiting for its verification; remove the trial entry.
+    /// Also finishes a commit that was interrupted.
+    Commit {
+        /// How long to wait for another apply, undo or trial command to finish.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
+    },
+    /// Cancel the trial: remove its entry, its one-shot choice and its state.
+    /// The default boot is left as it is.
+    Abort {
+        /// How long to wait for another apply, undo or trial command to finish.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
+    },
+    /// Run by vfio-early-verify.service at boot. In the trial boot (the kernel
+    /// command line has vfio_early.trial): run status's checks for the trial
+    /// config, then commit it or fail it (exit 1), saying why in the kernel
+    /// log. In a later boot: a trial that never reached this is failed, and an
+    /// interrupted commit or clean-up is finished (exit 0).
+    Verify {
+        /// How long to wait for another apply, undo or trial command to finish.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        wait: u64,
+    },
+    /// For the trial's GRUB script: read 10_linux's output on standard input,
+    /// print the trial's menu entry.
+    #[command(hide = true)]
+    GrubEntry,
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +330,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             dry_run,
             force,
             if_configured,
+            trial: try_it,
+            trial_arg,
             wait,
         } => {
             // Held while reading, deciding and writing: one apply at a time.
@@ -258,6 +341,15 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             };
             let mode = PlanMode::Apply { force: *force };
             match ctx(Required, mode, Some("nothing was written")) {
+                Ok(c) if *try_it => trial::prepare(
+                    &c,
+                    &trial::Options {
+                        dry_run: *dry_run,
+                        force: *force,
+                        extra_args: trial_arg.clone(),
+                    },
+                    &mut apply::AtomicWriter,
+                )?,
                 Ok(c) => apply::apply(
                     &c,
                     apply::Options {
@@ -276,6 +368,21 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             };
             apply::undo(&root, *dry_run)?
         }
+        Cmd::Trial(TrialCmd::Status { json }) => trial::status_cmd(&root, *json)?,
+        Cmd::Trial(TrialCmd::Commit { wait }) => {
+            let _lock = lock::acquire(&root, "trial commit", secs(*wait))?;
+            trial::commit_cmd(&root, &mut apply::AtomicWriter)?
+        }
+        Cmd::Trial(TrialCmd::Abort { wait }) => {
+            let _lock = lock::acquire(&root, "trial abort", secs(*wait))?;
+            trial::abort_cmd(&root, &mut apply::AtomicWriter)?
+        }
+        Cmd::Trial(TrialCmd::Verify { wait }) => {
+            let _lock = lock::acquire(&root, "trial verify", secs(*wait))?;
+            trial::verify(&root, &mut apply::AtomicWriter)?
+        }
+        // No lock: it runs inside update-grub, which `apply --trial` runs holding it.
+        Cmd::Trial(TrialCmd::GrubEntry) => trial::grub_entry_cmd(&root)?,
         Cmd::Status { json } => match ctx(MissingIsEmpty, PlanMode::AsAppliedAtBoot, None) {
             Ok(c) => status::run(&c, *json)?,
             Err(o) => o,

@@ -1,5 +1,6 @@
 //! `bind --early`: the early binder, run from the initramfs before udev. It reads the
-//! kill switch, the applied config and the machine, plans as a live bind, and binds
+//! kill switch, the applied config (or, in a trial boot, the trial's: see
+//! [`trial_flag`]) and the machine, plans as a live bind, and binds
 //! through [`crate::bind`]. It never fails and never panics outward: every problem is a
 //! `vfio-early:` line in the kernel log, and the process always exits 0.
 //!
@@ -34,6 +35,21 @@ pub fn kill_switch(cmdline: &[u8]) -> bool {
         .any(|t| t == b"vfio_early=off" || t == b"vfio-early=off")
 }
 
+/// Whether this is a trial boot (`apply --trial`): `vfio_early.trial` (or
+/// `vfio-early.trial`, or either quoted) on the command line, read as bytes like the
+/// kill switch. Only then does the early binder take the trial config.
+pub fn trial_flag(cmdline: &[u8]) -> bool {
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .map(|t| {
+            t.iter()
+                .copied()
+                .filter(|b| *b != b'"')
+                .collect::<Vec<u8>>()
+        })
+        .any(|t| t == b"vfio_early.trial" || t == b"vfio-early.trial")
+}
+
 /// Runs the early binder; always returns normally (the caller exits 0).
 pub fn run(root: &Root, cfg_path: &Path) {
     let mut log = Log::kmsg(root);
@@ -52,11 +68,28 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
         log.warn("disabled by vfio_early=off on the kernel command line; nothing done");
         return;
     }
+    // A trial boot binds the trial config, every other boot the committed one: a failed
+    // trial cannot change what the fallback boot binds.
+    let trial = trial_flag(&cmdline);
+    let trial_path = root.path(paths::IMAGE_TRIAL_CONFIG);
+    let (cfg_path, forced_marker) = if trial {
+        log.info("trial boot (vfio_early.trial): binding the trial config");
+        (trial_path.as_path(), paths::TRIAL_FORCED)
+    } else {
+        (cfg_path, paths::FORCED)
+    };
     if !cfg_path.exists() {
-        log.info(&format!(
-            "no config at {}; nothing to do",
-            cfg_path.display()
-        ));
+        if trial {
+            log.warn(&format!(
+                "no trial config at {} in this initramfs; nothing bound",
+                cfg_path.display()
+            ));
+        } else {
+            log.info(&format!(
+                "no config at {}; nothing to do",
+                cfg_path.display()
+            ));
+        }
         return;
     }
     let parsed = config::read_text(cfg_path).and_then(|t| config::parse(&t, cfg_path));
@@ -69,8 +102,9 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
             return;
         }
     };
-    // apply --force leaves a marker file of its own, which no config text can forge.
-    let forced = root.exists(paths::FORCED);
+    // apply --force leaves a marker file of its own, which no config text can forge
+    // (the trial's own, for the trial config).
+    let forced = root.exists(forced_marker);
     let machine = machine::discover(root);
     // `apply` is the gate for interlocks, but it may have run where the devices were not
     // visible (a chroot, before a card was fitted): the interlocks that can be judged
@@ -104,7 +138,16 @@ pub fn bind_early(root: &Root, cfg_path: &Path, log: &mut Log) {
 
 #[cfg(test)]
 mod tests {
-    use super::kill_switch;
+    use super::{kill_switch, trial_flag};
+
+    #[test]
+    fn the_trial_flag_is_a_whole_token_in_any_bytes() {
+        assert!(trial_flag(b"root=/dev/vda ro vfio_early.trial panic=10"));
+        assert!(trial_flag(b"\xff \"vfio-early.trial\"\n"));
+        assert!(!trial_flag(b"vfio_early.trial=0x vfio_early.trials"));
+        assert!(!trial_flag(b"novfio_early.trial"));
+        assert!(!trial_flag(b""));
+    }
 
     #[test]
     fn the_kill_switch_is_found_in_any_bytes() {

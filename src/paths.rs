@@ -48,6 +48,38 @@ pub const GRUB_DROPIN: &str = "etc/default/grub.d/vfio-early.cfg";
 /// Shared with the user and kernel-install: vfio-early owns only its tokens.
 pub const KERNEL_CMDLINE: &str = "etc/kernel/cmdline";
 
+// `apply --trial`: the state of a trial (written intent-first, like the manifest) and
+// the files it owns while one is under way.
+pub const TRIAL_DIR: &str = "var/lib/vfio-early/trial";
+pub const TRIAL_STATE: &str = "var/lib/vfio-early/trial/state.json";
+/// The config being tried, as the user wrote it; the hooks copy it into the initramfs
+/// at [`IMAGE_TRIAL_CONFIG`] while a trial is prepared.
+pub const TRIAL_CONFIG: &str = "var/lib/vfio-early/trial/config.toml";
+/// `apply --trial --force`: the trial's own marker, carried into the image at the same
+/// path, so the early binder overrides interlocks in the trial boot only.
+pub const TRIAL_FORCED: &str = "var/lib/vfio-early/trial/forced";
+/// Where the initramfs holds the trial config; the early binder reads it only when the
+/// kernel command line carries `vfio_early.trial`.
+pub const IMAGE_TRIAL_CONFIG: &str = "etc/vfio-early-trial.toml";
+/// The GRUB script that prints the trial's menu entry (owned while a trial is prepared).
+pub const GRUB_TRIAL_SCRIPT: &str = "etc/grub.d/42_vfio-early-trial";
+/// Debian's script for the Linux entries, which the trial script runs.
+pub const GRUB_LINUX_SCRIPT: &str = "etc/grub.d/10_linux";
+/// GRUB's environment block (`next_entry`, set by `grub-reboot`).
+pub const GRUBENV: &str = "boot/grub/grubenv";
+pub const GRUB_REBOOT: &str = "usr/sbin/grub-reboot";
+/// `bootctl` (from systemd-boot, or systemd-boot-tools where that package is split off).
+pub const BOOTCTL: &[&str] = &["usr/bin/bootctl", "bin/bootctl"];
+/// kernel-install's config (`layout=uki` makes unified kernel images).
+pub const KERNEL_INSTALL_CONF: &[&str] =
+    &["etc/kernel/install.conf", "usr/lib/kernel/install.conf"];
+/// Boot Loader Specification Type #1 entries, relative to an ESP or XBOOTLDR mount.
+pub const LOADER_ENTRIES: &str = "loader/entries";
+/// The EFI variable systemd-boot reads (and deletes) for a one-shot entry.
+pub const EFIVAR_ONESHOT: &str =
+    "sys/firmware/efi/efivars/LoaderEntryOneShot-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+pub const BOOT_ID: &str = "proc/sys/kernel/random/boot_id";
+
 // Bootloaders and initramfs generators, as installed.
 pub const GRUB_CFG: &str = "boot/grub/grub.cfg";
 pub const UPDATE_GRUB: &str = "usr/sbin/update-grub";
@@ -124,6 +156,18 @@ pub const ALL: &[&str] = &[
     MODPROBE,
     GRUB_DROPIN,
     KERNEL_CMDLINE,
+    TRIAL_DIR,
+    TRIAL_STATE,
+    TRIAL_CONFIG,
+    TRIAL_FORCED,
+    IMAGE_TRIAL_CONFIG,
+    GRUB_TRIAL_SCRIPT,
+    GRUB_LINUX_SCRIPT,
+    GRUBENV,
+    GRUB_REBOOT,
+    LOADER_ENTRIES,
+    EFIVAR_ONESHOT,
+    BOOT_ID,
     GRUB_CFG,
     UPDATE_GRUB,
     PROXMOX_UUIDS,
@@ -141,6 +185,8 @@ pub const ALL: &[&str] = &[
 /// The lists of paths above, for the same test.
 pub const ALL_LISTS: &[&[&str]] = &[
     ESP_MOUNTS,
+    BOOTCTL,
+    KERNEL_INSTALL_CONF,
     IMAGE_BINARY,
     IMAGE_MODPROBE,
     IMAGE_BOOT_SCRIPT,

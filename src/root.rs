@@ -26,9 +26,9 @@
 //! `O_NOFOLLOW`), filled, fsynced, renamed over `NAME` and the directory fsynced, all
 //! relative to that one directory handle. A symlink at `NAME` itself is replaced, not
 //! written through. Modes are fixed whatever the umask: files 0644 (or 0600 with
-//! [`FileMode::Private`]), directories the tool creates 0755, each set with `fchmod` after
-//! creating. Sysfs attribute writes use [`Root::write_attr`], which never creates or
-//! truncates.
+//! [`FileMode::Private`], 0755 with [`FileMode::Executable`]), directories the tool
+//! creates 0755, each set with `fchmod` after creating. Sysfs attribute writes use
+//! [`Root::write_attr`], which never creates or truncates.
 //!
 //! **Leftovers.** A crash between creating the temporary file and the rename leaves
 //! `.NAME.vfio-early-tmp.PID` beside `NAME`; the next write or removal of `NAME` removes
@@ -53,6 +53,8 @@ use rustix::io::Errno;
 pub const FILE_MODE: u32 = 0o644;
 /// The mode of a file written with [`FileMode::Private`].
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// The mode of a file written with [`FileMode::Executable`].
+pub const EXECUTABLE_FILE_MODE: u32 = 0o755;
 /// The mode of every directory the tool creates.
 pub const DIR_MODE: u32 = 0o755;
 
@@ -69,6 +71,8 @@ pub enum FileMode {
     Shared,
     /// 0600: the owner only.
     Private,
+    /// 0755: a script another tool runs (a GRUB `/etc/grub.d` script).
+    Executable,
 }
 
 impl FileMode {
@@ -76,6 +80,7 @@ impl FileMode {
         match self {
             FileMode::Shared => FILE_MODE,
             FileMode::Private => PRIVATE_FILE_MODE,
+            FileMode::Executable => EXECUTABLE_FILE_MODE,
         }
     }
 }

@@ -36,7 +36,7 @@ pub enum Verdict {
 pub struct Check {
     /// Stable identifier: `iommu`, `interrupt-remapping`, `cmdline`, `next-boot`,
     /// `vfio-modules`, `device`, `iommu-group`, `initramfs`, `applied`, `framebuffer`,
-    /// `reset-method`.
+    /// `reset-method`, `trial`.
     pub id: &'static str,
     pub verdict: Verdict,
     /// For per-device checks, the device.
@@ -72,6 +72,8 @@ pub struct Inputs<'a> {
     pub plan: &'a Plan,
     pub host: &'a Host,
     pub runtime: &'a Runtime,
+    /// A trial's state (`apply --trial`), when there is one, or why it cannot be read.
+    pub trial: Option<&'a Result<crate::trial::State, String>>,
 }
 
 fn check(id: &'static str, verdict: Verdict, summary: String, fix: Option<&str>) -> Check {
@@ -122,6 +124,9 @@ pub fn evaluate(inp: &Inputs) -> Report {
         checks.extend(framebuffer_checks(inp.machine, &targets, iomem));
     }
     checks.extend(reset_checks(inp.machine, inp.runtime, &targets));
+    if let Some(t) = inp.trial {
+        checks.push(trial_check(t));
+    }
     let verdict = checks
         .iter()
         .map(|c| c.verdict)
@@ -602,6 +607,22 @@ fn bootloader_check(host: &Host, config: &Config, mf: &Manifest) -> Check {
     }
 }
 
+/// A trial (`apply --trial`): prepared, committed, or failed and why.
+fn trial_check(t: &Result<crate::trial::State, String>) -> Check {
+    match t {
+        Ok(s) => {
+            let (verdict, summary, fix) = crate::trial::status_line(s);
+            check("trial", verdict, summary, fix)
+        }
+        Err(e) => check(
+            "trial",
+            Verdict::Warn,
+            e.clone(),
+            Some("`vfio-early trial abort` removes the trial"),
+        ),
+    }
+}
+
 /// The name of a boot framebuffer nested inside the device's range in `/proc/iomem`.
 fn framebuffer_in(iomem: &str, addr: &str) -> Option<String> {
     let mut inside: Option<usize> = None;
@@ -638,6 +659,7 @@ fn framebuffer_in(iomem: &str, addr: &str) -> Option<String> {
 pub fn run(ctx: &Context, json: bool) -> anyhow::Result<Outcome> {
     let with_image = wants_initramfs(&ctx.config, &ctx.host);
     let runtime = Runtime::read(&ctx.root, &ctx.machine, &ctx.host, with_image);
+    let trial = crate::trial::read_state(&ctx.root).transpose();
     let report = evaluate(&Inputs {
         config: &ctx.config,
         config_text: ctx.config_text.as_deref(),
@@ -646,6 +668,7 @@ pub fn run(ctx: &Context, json: bool) -> anyhow::Result<Outcome> {
         plan: &ctx.plan,
         host: &ctx.host,
         runtime: &runtime,
+        trial: trial.as_ref(),
     });
     if json {
         crate::out!("{}\n", serde_json::to_string_pretty(&report)?)?;
@@ -906,6 +929,7 @@ mod checks {
                 plan: &plan,
                 host: &h,
                 runtime: &rt,
+                trial: None,
             };
             assert_eq!(applied_check(&inp).verdict, verdict);
         }

@@ -1,8 +1,9 @@
 #!/bin/bash
 # dracut module vfio-early: puts vfio-early, the config of its last `apply`, its
-# modprobe drop-in and the kernel's vfio modules into the image, and binds from a
-# pre-udev hook (before udev loads any driver). Adds nothing when no device is
-# configured. Every decision comes from `vfio-early hook-files`.
+# modprobe drop-in, the kernel's vfio modules and, while a trial is prepared, the
+# trial's config into the image, and binds from a pre-udev hook (before udev loads
+# any driver). Adds nothing when no device is configured. Every decision comes from
+# `vfio-early hook-files`.
 # shellcheck disable=SC2154 # $kernel and $moddir are set by dracut
 
 check() {

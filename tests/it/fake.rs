@@ -633,3 +633,98 @@ impl FakeMachine {
         fs::write(self.path("proc/self/mountinfo"), bytes).expect("write");
     }
 }
+
+/// Trees for trials (`apply --trial`): GRUB as Debian installs it (a grubenv,
+/// `grub-reboot`, an `/etc/grub.d/10_linux` stand-in), systemd-boot with kernel-install's
+/// Type #1 entries and `bootctl`, efivarfs in the mount table, the boot id, and the
+/// machine as a trial boot sees it.
+impl FakeMachine {
+    /// GRUB for a trial: what [`FakeMachine::grub`] writes, plus an empty grubenv,
+    /// `grub-reboot` and an executable `10_linux` stand-in.
+    pub fn grub_for_trial(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        self.grub();
+        let mut env = String::from("# GRUB Environment Block\n");
+        env.push_str(&"#".repeat(1024 - env.len()));
+        self.write("boot/grub/grubenv", &env);
+        self.write("usr/sbin/grub-reboot", "#!/bin/sh\n");
+        self.write(
+            "etc/grub.d/10_linux",
+            "#!/bin/sh\n# stand-in for Debian's 10_linux\nexit 0\n",
+        );
+        fs::set_permissions(
+            self.path("etc/grub.d/10_linux"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+    }
+
+    /// `/proc/sys/kernel/random/boot_id`: which boot this is.
+    pub fn boot_id(&self, id: &str) {
+        self.write("proc/sys/kernel/random/boot_id", &format!("{id}\n"));
+    }
+
+    /// efivarfs in the mount table, read-write or read-only.
+    pub fn efivars(&self, rw: bool) {
+        let mut text = self.read("proc/self/mountinfo");
+        text.push_str(&format!(
+            "45 22 0:44 / /sys/firmware/efi/efivars {},nosuid,nodev,noexec,relatime shared:9 - efivarfs efivarfs rw\n",
+            if rw { "rw" } else { "ro" }
+        ));
+        self.write("proc/self/mountinfo", &text);
+    }
+
+    /// systemd-boot for a trial: the loader on the ESP at `boot/efi`,
+    /// `/etc/kernel/cmdline`, `bootctl`, efivarfs read-write; entries come from
+    /// [`FakeMachine::kernel_install`].
+    pub fn systemd_boot_for_trial(&self, cmdline: &str) {
+        self.systemd_boot(Some(cmdline));
+        self.write("usr/bin/bootctl", "#!/bin/sh\n");
+        self.efivars(true);
+    }
+
+    /// What kernel-install writes for each kernel: a Type #1 entry (machine id `0b1c`)
+    /// whose options are the first line of `/etc/kernel/cmdline` now.
+    pub fn kernel_install(&self, kernels: &[&str]) {
+        let cmdline = self.read("etc/kernel/cmdline");
+        let options = cmdline.lines().next().unwrap_or("");
+        for k in kernels {
+            self.write(
+                &format!("boot/efi/loader/entries/0b1c-{k}.conf"),
+                &format!(
+                    "title      Debian GNU/Linux 12 (bookworm)\nversion    {k}\n\
+                     machine-id 0b1c\nsort-key   debian\noptions    {options}\n\
+                     linux      /0b1c/{k}/linux\ninitrd     /0b1c/{k}/initrd.img-{k}\n"
+                ),
+            );
+        }
+    }
+
+    /// The machine as a boot sees it: `cmdline`, boot id `boot`, each of `on_vfio`
+    /// (address, IOMMU group) on vfio-pci with its `/dev/vfio` node, the vfio modules
+    /// loaded, and a kernel log with the IOMMU and interrupt remapping on. The log
+    /// starts with a padding record: vfio-early writes its own lines over the start of a
+    /// plain file (the real `/dev/kmsg` appends).
+    pub fn boot_into(&self, cmdline: &str, boot: &str, on_vfio: &[(&str, u32)]) {
+        self.write("proc/cmdline", &format!("{cmdline}\n"));
+        self.boot_id(boot);
+        self.write(
+            "dev/kmsg",
+            &format!(
+                "6,1,1,-;{}\n6,100,1000,-;DMAR: IOMMU enabled\n\
+                 6,101,1001,-;DMAR-IR: Enabled IRQ remapping in x2apic mode\n",
+                " ".repeat(2048)
+            ),
+        );
+        for module in ["vfio", "vfio_iommu_type1", "vfio_pci"] {
+            fs::create_dir_all(self.path(&format!("sys/module/{module}"))).expect("mkdir");
+        }
+        self.driver_dir("vfio-pci");
+        for (addr, group) in on_vfio {
+            let link = self.path(&format!("sys/devices/pci0000:00/{addr}/driver"));
+            let _ = fs::remove_file(&link);
+            symlink("../../../bus/pci/drivers/vfio-pci", link).expect("ln");
+            self.write(&format!("dev/vfio/{group}"), "");
+        }
+    }
+}

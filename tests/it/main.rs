@@ -17,3 +17,4 @@ mod rom;
 mod status;
 mod sysdisk;
 mod tidy;
+mod trial;
