@@ -326,41 +326,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
                 Err(o) => o,
             }
         }
-        Cmd::Apply {
-            dry_run,
-            force,
-            if_configured,
-            trial: try_it,
-            trial_arg,
-            wait,
-        } => {
-            // Held while reading, deciding and writing: one apply at a time.
-            let _lock = match dry_run {
-                true => None,
-                false => Some(lock::acquire(&root, "apply", secs(*wait))?),
-            };
-            let mode = PlanMode::Apply { force: *force };
-            match ctx(Required, mode, Some("nothing was written")) {
-                Ok(c) if *try_it => trial::prepare(
-                    &c,
-                    &trial::Options {
-                        dry_run: *dry_run,
-                        force: *force,
-                        extra_args: trial_arg.clone(),
-                    },
-                    &mut apply::AtomicWriter,
-                )?,
-                Ok(c) => apply::apply(
-                    &c,
-                    apply::Options {
-                        dry_run: *dry_run,
-                        force: *force,
-                        if_configured: *if_configured,
-                    },
-                )?,
-                Err(o) => o,
-            }
-        }
+        Cmd::Apply { .. } => run_apply(cli, &root)?,
         Cmd::Undo { dry_run, wait } => {
             let _lock = match dry_run {
                 true => None,
@@ -368,21 +334,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             };
             apply::undo(&root, *dry_run)?
         }
-        Cmd::Trial(TrialCmd::Status { json }) => trial::status_cmd(&root, *json)?,
-        Cmd::Trial(TrialCmd::Commit { wait }) => {
-            let _lock = lock::acquire(&root, "trial commit", secs(*wait))?;
-            trial::commit_cmd(&root, &mut apply::AtomicWriter)?
-        }
-        Cmd::Trial(TrialCmd::Abort { wait }) => {
-            let _lock = lock::acquire(&root, "trial abort", secs(*wait))?;
-            trial::abort_cmd(&root, &mut apply::AtomicWriter)?
-        }
-        Cmd::Trial(TrialCmd::Verify { wait }) => {
-            let _lock = lock::acquire(&root, "trial verify", secs(*wait))?;
-            trial::verify(&root, &mut apply::AtomicWriter)?
-        }
-        // No lock: it runs inside update-grub, which `apply --trial` runs holding it.
-        Cmd::Trial(TrialCmd::GrubEntry) => trial::grub_entry_cmd(&root)?,
+        Cmd::Trial(sub) => run_trial(sub, &root)?,
         Cmd::Status { json } => match ctx(MissingIsEmpty, PlanMode::AsAppliedAtBoot, None) {
             Ok(c) => status::run(&c, *json)?,
             Err(o) => o,
@@ -399,6 +351,66 @@ pub fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             dump::run(&root, &cfg, output)?
         }
     })
+}
+
+/// `apply` (and `apply --trial`): the lock, held while reading, deciding and writing
+/// (one apply at a time), then the context and the verb.
+fn run_apply(cli: &Cli, root: &Root) -> anyhow::Result<Outcome> {
+    let Cmd::Apply {
+        dry_run,
+        force,
+        if_configured,
+        trial: try_it,
+        trial_arg,
+        wait,
+    } = &cli.cmd
+    else {
+        return Ok(Outcome::Usage);
+    };
+    let _lock = match dry_run {
+        true => None,
+        false => Some(lock::acquire(root, "apply", secs(*wait))?),
+    };
+    let mode = PlanMode::Apply { force: *force };
+    let c = match load(cli, ConfigNeed::Required, mode, Some("nothing was written")) {
+        Ok(c) => c,
+        Err(o) => return Ok(o),
+    };
+    if *try_it {
+        let opts = trial::Options {
+            dry_run: *dry_run,
+            force: *force,
+            extra_args: trial_arg.clone(),
+        };
+        return trial::prepare(&c, &opts, &mut apply::AtomicWriter);
+    }
+    let opts = apply::Options {
+        dry_run: *dry_run,
+        force: *force,
+        if_configured: *if_configured,
+    };
+    apply::apply(&c, opts)
+}
+
+/// `trial status|commit|abort|verify|grub-entry`: the changing ones hold the lock.
+fn run_trial(sub: &TrialCmd, root: &Root) -> anyhow::Result<Outcome> {
+    match sub {
+        TrialCmd::Status { json } => trial::status_cmd(root, *json),
+        TrialCmd::Commit { wait } => {
+            let _lock = lock::acquire(root, "trial commit", secs(*wait))?;
+            trial::commit_cmd(root, &mut apply::AtomicWriter)
+        }
+        TrialCmd::Abort { wait } => {
+            let _lock = lock::acquire(root, "trial abort", secs(*wait))?;
+            trial::abort_cmd(root, &mut apply::AtomicWriter)
+        }
+        TrialCmd::Verify { wait } => {
+            let _lock = lock::acquire(root, "trial verify", secs(*wait))?;
+            trial::verify(root, &mut apply::AtomicWriter)
+        }
+        // No lock: it runs inside update-grub, which `apply --trial` runs holding it.
+        TrialCmd::GrubEntry => trial::grub_entry_cmd(root),
+    }
 }
 
 #[cfg(test)]

@@ -592,24 +592,7 @@ impl Finder<'_> {
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
         if let Some(i) = comps.iter().position(|c| numbered(c, "nvme-subsys")) {
-            // Native NVMe multipath: the namespace hangs off the subsystem, which links
-            // to each controller that reaches it.
-            let subsys: PathBuf = comps[..=i].iter().collect();
-            let mut any = false;
-            for c in self.names(&subsys).unwrap_or_default() {
-                if !numbered(&c, "nvme") {
-                    continue;
-                }
-                if let Some(address) = self.resolve(&subsys.join(&c)).as_deref().and_then(last_pci)
-                {
-                    t.found.push((address, format!("{trail} > {c}")));
-                    any = true;
-                }
-            }
-            if !any {
-                t.missing
-                    .push(format!("{trail}: no controller of {} found", comps[i]));
-            }
+            self.trace_nvme_subsystem(&comps[..=i], &trail, t);
             return;
         }
         if let Some(i) = comps.iter().position(|c| numbered(c, "session")) {
@@ -636,21 +619,47 @@ impl Finder<'_> {
             return;
         }
         if numbered(&name, "loop") {
-            match self.root.read_attr(dir.join("loop/backing_file")) {
-                Ok(file) => {
-                    let prefix = format!("{trail} backed by {file} on ");
-                    self.trace_file(file.as_bytes(), &prefix, t, depth + 1);
-                }
-                Err(e) => t
-                    .missing
-                    .push(format!("{trail}: cannot read its backing file: {e}")),
-            }
+            self.trace_loop(dir, &trail, t, depth);
             return;
         }
         t.missing.push(format!(
             "{trail}: {} leads to no PCI device and has no slaves",
             dir.display()
         ));
+    }
+
+    /// Native NVMe multipath: the namespace hangs off the subsystem (`comps`, its path),
+    /// which links to each controller that reaches it.
+    fn trace_nvme_subsystem(&self, comps: &[String], trail: &str, t: &mut Trace) {
+        let subsys: PathBuf = comps.iter().collect();
+        let mut any = false;
+        for c in self.names(&subsys).unwrap_or_default() {
+            if !numbered(&c, "nvme") {
+                continue;
+            }
+            if let Some(address) = self.resolve(&subsys.join(&c)).as_deref().and_then(last_pci) {
+                t.found.push((address, format!("{trail} > {c}")));
+                any = true;
+            }
+        }
+        if !any {
+            let name = comps.last().map(String::as_str).unwrap_or("");
+            t.missing
+                .push(format!("{trail}: no controller of {name} found"));
+        }
+    }
+
+    /// A loop device: the filesystem holding its backing file.
+    fn trace_loop(&self, dir: &Path, trail: &str, t: &mut Trace, depth: usize) {
+        match self.root.read_attr(dir.join("loop/backing_file")) {
+            Ok(file) => {
+                let prefix = format!("{trail} backed by {file} on ");
+                self.trace_file(file.as_bytes(), &prefix, t, depth + 1);
+            }
+            Err(e) => t
+                .missing
+                .push(format!("{trail}: cannot read its backing file: {e}")),
+        }
     }
 
     /// A file (a swap file, a loop device's backing file): the filesystem holding it.

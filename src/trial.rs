@@ -559,6 +559,61 @@ pub fn compute_prepare(
     opts: &Options,
     now: u64,
 ) -> Result<Preparation, Refusal> {
+    let manifest = check_can_prepare(ctx, f, opts)?;
+    let text = ctx.config_text.clone().unwrap_or_default();
+    let bl = ctx.host.boot.resolve(ctx.config.bootloader.kind);
+    let way = choose_way(bl, f)?;
+    let kernel_args: Vec<String> = ctx
+        .plan
+        .kernel_args
+        .iter()
+        .map(|a| a.token.clone())
+        .collect();
+    let entry_args = trial_entry_args(ctx, opts, &kernel_args)?;
+    let mut writes = vec![
+        FileWrite {
+            path: paths::TRIAL_CONFIG.into(),
+            text: Some(text),
+            executable: false,
+        },
+        FileWrite {
+            path: paths::TRIAL_FORCED.into(),
+            text: opts.force.then(|| TRIAL_FORCED_TEXT.to_string()),
+            executable: false,
+        },
+    ];
+    let mut commands = vec![apply::initramfs_command(ctx.host.generator)];
+    let (method, entry_removes, entry_paths, arm) =
+        boot_entry(&way, f, &manifest, &entry_args, &mut writes, &mut commands);
+    let dirs_created = trial_dirs(f);
+    let intent = State {
+        schema: 1,
+        phase: Phase::Preparing,
+        reason: None,
+        time: now,
+        bootloader: method,
+        forced: opts.force,
+        kernel_args,
+        entry_args,
+        entry_removes,
+        entries: entry_paths,
+        dirs_created,
+        prepared_boot: f.boot_id.clone(),
+        booted_boot: None,
+    };
+    let ready = intent.at(Phase::Prepared, None, now);
+    Ok(Preparation {
+        intent,
+        ready,
+        writes,
+        commands,
+        arm,
+    })
+}
+
+/// A trial can be prepared: no other under way, nothing pending, devices configured, a
+/// config other than the one applied. Returns the manifest of the last apply.
+fn check_can_prepare(ctx: &Context, f: &Facts, opts: &Options) -> Result<Manifest, Refusal> {
     match &f.state {
         Err(e) => return Err(refuse(e.clone())),
         Ok(Some(s)) if !matches!(s.phase, Phase::Preparing | Phase::Committed | Phase::Failed) => {
@@ -603,6 +658,16 @@ pub fn compute_prepare(
             });
         }
     }
+    Ok(manifest)
+}
+
+/// The trial entry's arguments: the plan's, `--trial-arg`s, the trial flag, reboot on
+/// panic (and dracut's own reboot instead of a rescue shell).
+fn trial_entry_args(
+    ctx: &Context,
+    opts: &Options,
+    kernel_args: &[String],
+) -> Result<Vec<String>, Refusal> {
     let mut extras = Vec::new();
     for a in &opts.extra_args {
         let t: KernelToken = a
@@ -610,35 +675,27 @@ pub fn compute_prepare(
             .map_err(|e| refuse(format!("--trial-arg `{a}`: {e}")))?;
         extras.push(t.to_string());
     }
-    let bl = ctx.host.boot.resolve(ctx.config.bootloader.kind);
-    let way = choose_way(bl, f)?;
-    let kernel_args: Vec<String> = ctx
-        .plan
-        .kernel_args
-        .iter()
-        .map(|a| a.token.clone())
-        .collect();
-    let mut entry_args = kernel_args.clone();
+    let mut entry_args = kernel_args.to_vec();
     entry_args.extend(extras);
     entry_args.push(TRIAL_FLAG.into());
     entry_args.push(PANIC_REBOOT.into());
     if ctx.host.generator == Generator::Dracut {
         entry_args.extend(DRACUT_REBOOT.iter().map(|s| s.to_string()));
     }
-    let mut writes = vec![
-        FileWrite {
-            path: paths::TRIAL_CONFIG.into(),
-            text: Some(text),
-            executable: false,
-        },
-        FileWrite {
-            path: paths::TRIAL_FORCED.into(),
-            text: opts.force.then(|| TRIAL_FORCED_TEXT.to_string()),
-            executable: false,
-        },
-    ];
-    let mut commands = vec![apply::initramfs_command(ctx.host.generator)];
-    let (method, entry_removes, entry_paths, arm) = match &way {
+    Ok(entry_args)
+}
+
+/// The boot entry of the trial, per way: the writes and commands that make it, and the
+/// method, the tokens it drops, its paths and the command that arms it.
+fn boot_entry(
+    way: &Way,
+    f: &Facts,
+    manifest: &Manifest,
+    entry_args: &[String],
+    writes: &mut Vec<FileWrite>,
+    commands: &mut Vec<Vec<String>>,
+) -> (Method, Vec<String>, Vec<String>, Vec<String>) {
+    match way {
         Way::Grub => {
             writes.push(FileWrite {
                 path: paths::GRUB_TRIAL_SCRIPT.into(),
@@ -666,7 +723,7 @@ pub fn compute_prepare(
             let path = format!("{}/{}", default.dir, entries::TRIAL_FILE);
             writes.push(FileWrite {
                 path: path.clone(),
-                text: Some(entries::render_trial(default, &removes, &entry_args)),
+                text: Some(entries::render_trial(default, &removes, entry_args)),
                 executable: false,
             });
             (
@@ -680,7 +737,11 @@ pub fn compute_prepare(
                 ],
             )
         }
-    };
+    }
+}
+
+/// The trial's directories that it creates (an earlier trial's stay its own).
+fn trial_dirs(f: &Facts) -> Vec<String> {
     // An earlier trial's directories stay ours: they exist now only because of it.
     let mut dirs_created: Vec<String> = match &f.state {
         Ok(Some(old)) => old.dirs_created.clone(),
@@ -691,29 +752,7 @@ pub fn compute_prepare(
             dirs_created.push(d.to_string());
         }
     }
-    let intent = State {
-        schema: 1,
-        phase: Phase::Preparing,
-        reason: None,
-        time: now,
-        bootloader: method,
-        forced: opts.force,
-        kernel_args,
-        entry_args,
-        entry_removes,
-        entries: entry_paths,
-        dirs_created,
-        prepared_boot: f.boot_id.clone(),
-        booted_boot: None,
-    };
-    let ready = intent.at(Phase::Prepared, None, now);
-    Ok(Preparation {
-        intent,
-        ready,
-        writes,
-        commands,
-        arm,
-    })
+    dirs_created
 }
 
 /// The text of the trial's `--force` marker.
