@@ -647,20 +647,25 @@ fn early_bind_exits_0_and_returns_the_device_with_stderr_closed_full_or_broken()
 }
 
 /// The property `panic = "unwind"` buys, checked in the profile we ship: a release build
-/// (with the test-only `fault-injection` feature, in its own target directory so that
-/// it can never be mistaken for the shipped binary) panics where told, and the early
-/// binder catches it, returns the device, logs it and exits 0. Under `panic = "abort"`
-/// this build fails to compile, and before that it died with SIGABRT mid-bind.
+/// with the test-only `fault-injection` feature panics where told, and the early binder
+/// catches it, returns the device, logs it and exits 0. Under `panic = "abort"` this
+/// build fails to compile, and before that it died with SIGABRT mid-bind.
+///
+/// It builds in the project's own target directory, so the release build of the package
+/// that follows reuses every dependency (only vfio-early itself is built again, without
+/// the feature, replacing `release/vfio-early`); the test runs a copy kept apart under
+/// `tmp/`, never the file a package could pick up.
 #[test]
 fn a_panic_in_the_early_binder_is_caught_in_a_release_build() {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-injection");
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let target = tmp.parent().expect("target/tmp has a parent");
     let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
         .args(["build", "--release", "--locked", "--offline", "--quiet"])
         .args(["--features", "fault-injection", "--bin", "vfio-early"])
         .arg("--manifest-path")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(&target)
+        .arg(target)
         .output()
         .expect("run cargo");
     assert!(
@@ -668,8 +673,8 @@ fn a_panic_in_the_early_binder_is_caught_in_a_release_build() {
         "cargo build --release --features fault-injection: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let release_bin = target.join("release/vfio-early");
-
+    let release_bin = tmp.join("vfio-early-fault-injection");
+    std::fs::copy(target.join("release/vfio-early"), &release_bin).expect("copy the build");
     for point in ["before-bind", "after-unbind"] {
         let m = workstation();
         m.write("dev/kmsg", "");
