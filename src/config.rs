@@ -515,7 +515,7 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
         unpositioned(
             format!(
                 "the config is not a regular file (it is {})",
-                file_kind(kind)
+                crate::root::file_kind(kind)
             ),
             "name a regular file with --config",
         )
@@ -565,23 +565,6 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
                 fix: "save the file as UTF-8; TOML files must be UTF-8".to_string(),
             })
         }
-    }
-}
-
-fn file_kind(kind: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if kind.is_dir() {
-        "a directory"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_socket() {
-        "a socket"
-    } else {
-        "of another kind"
     }
 }
 

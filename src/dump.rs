@@ -270,24 +270,12 @@ fn dev_path(source: &[u8]) -> Option<PathBuf> {
     rel.starts_with(paths::DEV).then(|| rel.to_path_buf())
 }
 
-/// An fstab spec as the `/dev` path it stands for: `UUID=…` and the like become udev's
-/// `/dev/disk/by-*` links, as sysdisk reads them.
+/// An fstab spec as the `/dev` path it stands for (`UUID=…` and the like become udev's
+/// `/dev/disk/by-*` links, as sysdisk reads them); only a plain path under `/dev`.
 fn fstab_dev_path(spec: &[u8]) -> Option<PathBuf> {
-    for (key, dir) in [
-        (&b"UUID="[..], "by-uuid"),
-        (b"PARTUUID=", "by-partuuid"),
-        (b"LABEL=", "by-label"),
-        (b"PARTLABEL=", "by-partlabel"),
-    ] {
-        if let Some(value) = spec.strip_prefix(key) {
-            let value = std::str::from_utf8(value).ok()?;
-            return Root::checked_rel(value)
-                .ok()
-                .filter(|v| v.components().count() == 1)
-                .map(|v| Path::new(paths::DEV_DISK).join(dir).join(v));
-        }
-    }
-    dev_path(spec)
+    let path = dev_path(&crate::sysdisk::fstab_source(spec))?;
+    let text = path.to_str()?;
+    Root::checked_rel(text).ok()
 }
 
 /// Reads a table (mount table, swaps), cut at its last whole line when too long.

@@ -24,21 +24,18 @@ const CMDLINE_MAX: u64 = 64 * 1024;
 /// `vfio-early=off`, or either quoted). Read as bytes: a command line that is not UTF-8
 /// still has its kill switch.
 pub fn kill_switch(cmdline: &[u8]) -> bool {
-    cmdline
-        .split(|b| b.is_ascii_whitespace())
-        .map(|t| {
-            t.iter()
-                .copied()
-                .filter(|b| *b != b'"')
-                .collect::<Vec<u8>>()
-        })
-        .any(|t| t == b"vfio_early=off" || t == b"vfio-early=off")
+    has_flag(cmdline, &[b"vfio_early=off", b"vfio-early=off"])
 }
 
 /// Whether this is a trial boot (`apply --trial`): `vfio_early.trial` (or
 /// `vfio-early.trial`, or either quoted) on the command line, read as bytes like the
 /// kill switch. Only then does the early binder take the trial config.
 pub fn trial_flag(cmdline: &[u8]) -> bool {
+    has_flag(cmdline, &[b"vfio_early.trial", b"vfio-early.trial"])
+}
+
+/// Whether one of `flags` is an argument of the command line (quotes ignored).
+fn has_flag(cmdline: &[u8], flags: &[&[u8]]) -> bool {
     cmdline
         .split(|b| b.is_ascii_whitespace())
         .map(|t| {
@@ -47,7 +44,7 @@ pub fn trial_flag(cmdline: &[u8]) -> bool {
                 .filter(|b| *b != b'"')
                 .collect::<Vec<u8>>()
         })
-        .any(|t| t == b"vfio_early.trial" || t == b"vfio-early.trial")
+        .any(|t| flags.contains(&t.as_slice()))
 }
 
 /// Runs the early binder; always returns normally (the caller exits 0).

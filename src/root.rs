@@ -98,6 +98,27 @@ enum Resolver {
 /// Set once `openat2` answered `ENOSYS`: the kernel is older than 5.6.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
+/// What kind of file this is, for messages that refuse anything but a regular file:
+/// "a directory", "a FIFO", "a character device", ...
+pub fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_file() {
+        "a regular file"
+    } else {
+        "of another kind"
+    }
+}
+
 /// A filesystem root: `/` on a real host, a fixture tree in tests, a chroot in the harness.
 #[derive(Debug, Clone)]
 pub struct Root {

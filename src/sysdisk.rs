@@ -958,7 +958,7 @@ impl Finder<'_> {
 }
 
 /// `UUID=…`, `PARTUUID=…`, `LABEL=…`, `PARTLABEL=…` as udev's `/dev/disk/by-*` links.
-fn fstab_source(spec: &[u8]) -> Vec<u8> {
+pub fn fstab_source(spec: &[u8]) -> Vec<u8> {
     for (key, dir) in [
         (&b"UUID="[..], "by-uuid"),
         (b"PARTUUID=", "by-partuuid"),

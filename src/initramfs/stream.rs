@@ -206,7 +206,7 @@ pub fn open_image(path: &Path) -> Result<File, InitramfsError> {
                 io::ErrorKind::InvalidInput,
                 format!(
                     "not a regular file (it is {}); give the image file itself",
-                    file_kind(&meta)
+                    crate::root::file_kind(meta.file_type())
                 ),
             )))
         }
@@ -215,24 +215,6 @@ pub fn open_image(path: &Path) -> Result<File, InitramfsError> {
     let file = File::open(path).map_err(open_err)?;
     regular(file.metadata().map_err(open_err)?)?;
     Ok(file)
-}
-
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a plain file"
-    }
 }
 
 /// Walks every segment of an image, calling `visit` for each entry (trailers excluded)
