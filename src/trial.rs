@@ -320,7 +320,7 @@ fn grub_store(root: &Root) -> Result<String, String> {
     let target = root
         .read_link(&link)
         .map_err(|e| format!("{point}: cannot find its block device {major}:{minor} ({e})"))?;
-    let dir = normalize(&Path::new(paths::SYS_DEV_BLOCK).join(target));
+    let dir = crate::sysdisk::normalize(&Path::new(paths::SYS_DEV_BLOCK).join(target));
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -348,21 +348,6 @@ fn grub_store(root: &Root) -> Result<String, String> {
         return Err(format!("{point} is on a stacked block device ({name})"));
     }
     Ok(format!("{point} ({fs} on {name})"))
-}
-
-/// `..` undone lexically; the result never climbs out of the root.
-fn normalize(p: &Path) -> std::path::PathBuf {
-    let mut out = std::path::PathBuf::new();
-    for c in p.components() {
-        match c {
-            std::path::Component::Normal(n) => out.push(n),
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 /// efivarfs mounted read-write, from the mount table (fields: id parent dev root point
