@@ -393,7 +393,6 @@ fn lossy(b: &[u8]) -> String {
 }
 
 /// Undoes `..` lexically; the result is relative to the root and never climbs out.
-/// `..` undone lexically; the result never climbs out of the root.
 pub fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
