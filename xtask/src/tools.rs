@@ -40,18 +40,46 @@ pub fn ensure_apt(sh: &Shell, progs: &[(&str, &str)]) -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {} with apt-get", missing.join(" "));
+    let pkgs = with_matching_qemu_utils(&missing);
+    eprintln!("xtask: installing {} with apt-get", pkgs.join(" "));
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
-    let shown = missing.join(" ");
-    let pkgs = &missing;
-    let first = cmd!(sh, "timeout 600 apt-get install -y -q {pkgs...}").run();
+    let shown = pkgs.join(" ");
+    let pkgs = &pkgs;
+    let first = cmd!(sh, "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}").run();
     first
         .or_else(|_| {
             cmd!(sh, "timeout 600 apt-get update -q").run()?;
-            cmd!(sh, "timeout 600 apt-get install -y -q {pkgs...}").run()
+            cmd!(sh, "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}").run()
         })
         .with_context(|| format!("apt-get install {shown}"))?;
     Ok(())
+}
+
+/// The packages to ask apt for. `qemu-system-x86` comes with `qemu-utils` from the
+/// system's own release: a machine may carry a newer qemu-utils from backports, which
+/// breaks the release's qemu-system-common, and apt then refuses the whole install.
+fn with_matching_qemu_utils(missing: &[&str]) -> Vec<String> {
+    let mut pkgs: Vec<String> = missing
+        .iter()
+        .filter(|p| **p != "qemu-utils")
+        .map(|p| p.to_string())
+        .collect();
+    if missing.contains(&"qemu-system-x86") || missing.contains(&"qemu-utils") {
+        match os_codename() {
+            Some(codename) => pkgs.push(format!("qemu-utils/{codename}")),
+            None => pkgs.push("qemu-utils".to_string()),
+        }
+    }
+    pkgs
+}
+
+/// VERSION_CODENAME from /etc/os-release ("bookworm").
+fn os_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// Installs a cargo tool (binary `bin` from crate `krate`) when missing.
