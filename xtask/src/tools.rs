@@ -45,11 +45,19 @@ pub fn ensure_apt(sh: &Shell, progs: &[(&str, &str)]) -> anyhow::Result<()> {
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
     let shown = pkgs.join(" ");
     let pkgs = &pkgs;
-    let first = cmd!(sh, "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}").run();
+    let first = cmd!(
+        sh,
+        "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}"
+    )
+    .run();
     first
         .or_else(|_| {
             cmd!(sh, "timeout 600 apt-get update -q").run()?;
-            cmd!(sh, "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}").run()
+            cmd!(
+                sh,
+                "timeout 600 apt-get install -y -q --allow-downgrades {pkgs...}"
+            )
+            .run()
         })
         .with_context(|| format!("apt-get install {shown}"))?;
     Ok(())
