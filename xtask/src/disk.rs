@@ -7,29 +7,37 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use std::io::Write;
+
 use crate::command;
 use crate::image::ROOT_UUID;
+use crate::lvm;
+use crate::scenario::Root;
 
-/// Makes a raw ext4 disk image holding `tree`.
-pub fn make(tree: &Path, disk: &Path, log: &Path) -> anyhow::Result<()> {
+/// Makes a raw disk image holding `tree` in an ext4 filesystem: on the whole disk, or
+/// on an LVM volume (`root = "lvm"`: mkfs writes the filesystem at the volume's
+/// offset, then LVM's label and metadata go in front of it).
+pub fn make(tree: &Path, disk: &Path, root: Root, log: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(disk);
     let used = dir_size(tree);
-    let size_mib = used / (1024 * 1024) * 13 / 10 + 512;
-    command::run(
-        Command::new("mkfs.ext4")
-            .arg("-q")
-            .arg("-F")
-            .arg("-U")
-            .arg(ROOT_UUID)
-            .arg("-L")
-            .arg("vfe-root")
-            .arg("-d")
-            .arg(tree)
-            .arg(disk)
-            .arg(format!("{size_mib}M")),
-        log,
-        Duration::from_secs(600),
-    )
+    let mut size_mib = used / (1024 * 1024) * 13 / 10 + 512;
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-U", ROOT_UUID, "-L", "vfe-root", "-d"])
+        .arg(tree);
+    if root == Root::Lvm {
+        size_mib = size_mib.div_ceil(lvm::EXTENT >> 20) * (lvm::EXTENT >> 20);
+        mkfs.arg("-E").arg(format!("offset={}", lvm::DATA_OFFSET));
+    }
+    mkfs.arg(disk).arg(format!("{size_mib}M"));
+    command::run(&mut mkfs, log, Duration::from_secs(600))?;
+    if root == Root::Lvm {
+        let bytes = lvm::DATA_OFFSET + (size_mib << 20);
+        let mut f = std::fs::OpenOptions::new().write(true).open(disk)?;
+        f.set_len(bytes)?;
+        f.write_all(&lvm::header(bytes))?;
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 fn dir_size(dir: &Path) -> u64 {

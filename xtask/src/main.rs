@@ -16,6 +16,7 @@ mod fast;
 mod fuzz;
 mod image;
 mod layer;
+mod lvm;
 mod matrix;
 mod phases;
 mod progress;

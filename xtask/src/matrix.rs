@@ -17,8 +17,8 @@ use xshell::Shell;
 use crate::layer::{Layers, State as LayerState};
 use crate::phases::{self, Phase, Times};
 use crate::qemu::{self, Report};
-use crate::scenario::{self, ApplyIn, Scenario};
-use crate::{disk, expect, image, progress};
+use crate::scenario::{self, ApplyIn, Root, Scenario};
+use crate::{disk, expect, image, lvm, progress};
 
 pub struct Options {
     pub scenarios: Vec<PathBuf>,
@@ -258,6 +258,7 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         s.config.as_str(),
         s.setup.as_deref().unwrap_or("\0"),
         &format!("{:?}", s.apply_in),
+        &format!("{:?}", s.root),
         &flags.join(","),
     ] {
         h.add(part.as_bytes());
@@ -348,7 +349,7 @@ fn boot_scenario(
         );
         phase.waiting("making the root disk");
         let disk_started = Instant::now();
-        disk::make(&tree, &prepared.disk, &dir.join("prepare.log"))?;
+        disk::make(&tree, &prepared.disk, s.root, &dir.join("prepare.log"))?;
         image::remove_tree(&tree)?;
         run.prep.set(Phase::Disk, disk_started.elapsed());
         say(
@@ -413,6 +414,10 @@ fn prepare(
     let log = dir.join("prepare.log");
     image::copy_tree(layer, tree, &log)?;
     std::fs::write(tree.join("etc/vfio-early.toml"), &s.config)?;
+    if s.root == Root::Lvm {
+        let fstab = format!("{} / ext4 errors=remount-ro 0 1\n", lvm::device());
+        std::fs::write(tree.join("etc/fstab"), fstab)?;
+    }
     if let Some(setup) = &s.setup {
         image::chroot_sh(tree, setup, &log, Duration::from_secs(600))?;
     }
@@ -434,7 +439,11 @@ fn prepare(
         .context("copying the kernel out of the image")?;
     std::fs::copy(tree.join(format!("boot/initrd.img-{release}")), &initrd)
         .context("copying the initramfs out of the image")?;
-    let append = image::grub_linux_args(tree)?;
+    let mut append = image::grub_linux_args(tree)?;
+    if s.root == Root::Lvm {
+        // As grub-mkconfig writes it on a host whose / is on LVM.
+        append = with_root(&append, &lvm::device());
+    }
     std::fs::write(dir.join("cmdline"), &append)?;
     Ok(Prepared {
         kernel,
@@ -442,6 +451,21 @@ fn prepare(
         append,
         disk: dir.join("disk.img"),
     })
+}
+
+/// `append` with its `root=` argument replaced by `root=DEVICE`.
+fn with_root(append: &str, device: &str) -> String {
+    append
+        .split_whitespace()
+        .map(|t| {
+            if t.starts_with("root=") {
+                format!("root={device}")
+            } else {
+                t.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// One boot's outcome.

@@ -59,6 +59,18 @@ pub enum ApplyIn {
     Guest,
 }
 
+/// What the guest's root filesystem sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Root {
+    /// ext4 on the whole virtio disk.
+    #[default]
+    Plain,
+    /// ext4 on the LVM volume `vfetest/root`, the disk its one physical volume (the
+    /// image needs `lvm2`, e.g. from `setup`).
+    Lvm,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -77,6 +89,9 @@ pub struct Scenario {
     pub setup: Option<String>,
     #[serde(default)]
     pub apply_in: ApplyIn,
+    /// What the root filesystem sits on (`plain` or `lvm`).
+    #[serde(default)]
+    pub root: Root,
     /// The text of `/etc/vfio-early.toml`.
     pub config: String,
     pub expect: Expect,
