@@ -344,7 +344,7 @@ fn applied_check(inp: &Inputs) -> Check {
         None => check(
             "applied",
             Verdict::Fail,
-            "the config has devices but was never applied".into(),
+            "the config has devices but nothing is applied".into(),
             Some("run `vfio-early apply`, then reboot"),
         ),
     }

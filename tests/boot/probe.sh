@@ -13,10 +13,20 @@
 #   list            also `vfio-early list`
 #   full-kmsg       the whole kernel log, not only the lines the checks read (to see
 #                   where a boot's time goes)
+#   paths           one path a line: each reported as present or absent
+#   stage-N.sh      the actions of a multi-boot scenario's stage N, run at the end of
+#                   boot N (after the report); then the command line, kernel and
+#                   initramfs the next boot gets from grub.cfg's default entry are
+#                   written (tar) to the harness's transfer disk, where there is one
+# The boots are counted in /var/lib/vfio-early-probe/boots.
 # The kernel log gets "vfio-early-probe: start" and "... end" marks, so the harness can
 # time the boot's phases; the kmsg section comes last to carry both.
 
 flags=/etc/vfio-early-probe
+state=/var/lib/vfio-early-probe
+mkdir -p "$state"
+boot=$(( $(cat "$state/boots" 2>/dev/null || echo 0) + 1 ))
+echo "$boot" > "$state/boots"
 # At error level, so the kernel also prints it on the console: its host arrival time
 # places the kernel's clock on the host's.
 echo "<3>vfio-early-probe: start" > /dev/kmsg
@@ -41,6 +51,20 @@ report() {
 
     section vfio-dev
     ls /dev/vfio 2>&1
+
+    section boot
+    echo "$boot"
+
+    section kernels
+    uname -r
+    for k in /boot/vmlinuz-*; do echo "${k#/boot/vmlinuz-}"; done | sort -V
+
+    if [ -e "$flags/paths" ]; then
+        section paths
+        while read -r p; do
+            if [ -e "$p" ]; then echo "present $p"; else echo "absent $p"; fi
+        done < "$flags/paths"
+    fi
 
     if [ -e "$flags/apply-in-guest" ]; then
         section guest-apply
@@ -67,6 +91,12 @@ report() {
         echo "exit=$?"
     fi
 
+    if [ -e "$flags/stage-$boot.sh" ]; then
+        sh "$flags/stage-$boot.sh"
+        section next-boot
+        next_boot
+    fi
+
     echo "vfio-early-probe: end" > /dev/kmsg
     section kmsg
     # Our lines, the IOMMU's, and the marks the harness times the boot by.
@@ -77,6 +107,22 @@ report() {
     fi
 
     section end
+}
+
+# What grub.cfg's default (first) entry boots, written to the transfer disk for the
+# harness's next direct boot.
+next_boot() {
+    cfg=/boot/grub/grub.cfg
+    xfer=/dev/disk/by-id/virtio-vfe-transfer
+    kernel=$(sed -n 's/^[[:space:]]*linux[[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' "$cfg" | head -n 1)
+    initrd=$(sed -n 's/^[[:space:]]*initrd[[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' "$cfg" | head -n 1)
+    echo "kernel=$kernel initrd=$initrd"
+    if [ -e "$xfer" ]; then
+        tar -cf "$xfer" -C / boot/grub/grub.cfg "${kernel#/}" "${initrd#/}" 2>&1
+        echo "exit=$?"
+    else
+        echo "no transfer disk"
+    fi
 }
 
 # Keep the kernel quiet on the console while the report is written.

@@ -34,9 +34,25 @@ fn last_lines(text: &str, n: usize) -> String {
 
 /// Checks the guest's report against the scenario; one message per unmet expectation.
 pub fn check_report(s: &Scenario, r: &Report) -> Vec<String> {
-    let e = &s.expect;
+    check_expect(&s.expect, s.apply_in == ApplyIn::Guest, r)
+}
+
+/// Checks one boot's report against `e` (`guest_apply`: the probe ran apply).
+pub fn check_expect(e: &scenario::Expect, guest_apply: bool, r: &Report) -> Vec<String> {
     let mut f = Vec::new();
-    if s.apply_in == ApplyIn::Guest {
+    f.extend(check_paths(e, r));
+    if e.kernel_newest {
+        let kernels = r.section("kernels");
+        let running = kernels.first().map(String::as_str).unwrap_or("?");
+        let newest = kernels.last().map(String::as_str).unwrap_or("?");
+        if kernels.len() < 2 || running != newest {
+            f.push(format!(
+                "the running kernel {running} is not the newest installed ({})",
+                kernels.get(1..).unwrap_or_default().join(", ")
+            ));
+        }
+    }
+    if guest_apply {
         let (text, code) = r.with_exit("guest-apply");
         check_apply(e, code, &text, "in the guest", &mut f);
     }
@@ -115,6 +131,84 @@ pub fn check_report(s: &Scenario, r: &Report) -> Vec<String> {
         match serde_json::from_str::<serde_json::Value>(&json) {
             Ok(v) => f.extend(check_status(e, &v)),
             Err(err) => f.push(format!("status --json is not JSON ({err})")),
+        }
+    }
+    f
+}
+
+/// `paths_present` and `paths_absent` against the probe's `paths` section, which must
+/// report each of them.
+fn check_paths(e: &scenario::Expect, r: &Report) -> Vec<String> {
+    let lines = r.section("paths");
+    let mut f = Vec::new();
+    for (want, paths) in [("present", &e.paths_present), ("absent", &e.paths_absent)] {
+        for p in paths {
+            let got = lines
+                .iter()
+                .find_map(|l| l.split_once(' ').filter(|(_, path)| *path == p.as_str()))
+                .map(|(state, _)| state);
+            match got {
+                Some(state) if state == want => {}
+                Some(state) => f.push(format!("{p} is {state}, expected {want}")),
+                None => f.push(format!("the probe did not report on {p}")),
+            }
+        }
+    }
+    f
+}
+
+/// A stage's actions, run by the probe at the end of boot `n`: each `action` section
+/// must exit 0 (apply: the stage's `apply_exit`, with its `apply_output`), and the
+/// next boot's files must have reached the transfer disk.
+pub fn check_actions(e: &scenario::Expect, r: &Report, n: usize) -> Vec<String> {
+    let mut f = Vec::new();
+    let actions: Vec<&String> = r
+        .sections
+        .keys()
+        .filter(|k| k.starts_with("action "))
+        .collect();
+    if actions.is_empty() {
+        f.push(format!(
+            "boot {n}: the probe ran no stage action (see its serial log)"
+        ));
+    }
+    for name in actions {
+        let (text, code) = r.with_exit(name);
+        let what = name.splitn(3, ' ').nth(2).unwrap_or("");
+        if what == "apply" {
+            check_apply(e, code, &text, &format!("in boot {n}"), &mut f);
+        } else if code != Some(0) {
+            f.push(format!(
+                "boot {n}: {what} exited {code:?}: {}",
+                last_lines(&text, 6)
+            ));
+        }
+    }
+    let (text, code) = r.with_exit("next-boot");
+    if code != Some(0) {
+        f.push(format!(
+            "boot {n}: the next boot's files did not reach the transfer disk: {}",
+            last_lines(&text, 4)
+        ));
+    }
+    f
+}
+
+/// `initramfs_has` and `initramfs_lacks` against our reader's list of the initramfs
+/// boot `n` used (`None` when no expectation reads it).
+pub fn check_initramfs(e: &scenario::Expect, list: Option<&str>, n: usize) -> Vec<String> {
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    let mut f = Vec::new();
+    for want in &e.initramfs_has {
+        if !list.contains(want.as_str()) {
+            f.push(format!("boot {n}: the initramfs lacks `{want}`"));
+        }
+    }
+    for bad in &e.initramfs_lacks {
+        if let Some(line) = list.lines().find(|l| l.contains(bad.as_str())) {
+            f.push(format!("boot {n}: the initramfs holds `{bad}`: {line}"));
         }
     }
     f

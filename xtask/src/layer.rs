@@ -123,6 +123,11 @@ impl<'a> Layers<'a> {
 
     /// The layer for (distro, generator). A failure is remembered, so every scenario
     /// of that layer fails with the same reason instead of retrying.
+    /// The package the layers install.
+    pub fn deb(&self) -> &Path {
+        self.deb
+    }
+
     pub fn get(&self, distro: Distro, generator: Generator) -> Result<Made, String> {
         let slot = self
             .slots

@@ -195,8 +195,15 @@ fn print_line(run: &Run) {
     } else {
         "FAIL"
     };
+    let later: String = run
+        .boots
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, b)| format!(" · boot {} {}", i + 1, progress::secs(b.times.guest)))
+        .collect();
     progress::line(&format!(
-        "{verdict}  {:<30} {:>7}  {}",
+        "{verdict}  {:<30} {:>7}  {}{later}",
         run.name,
         progress::secs(run.elapsed),
         run.times().line()
@@ -259,6 +266,7 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         s.setup.as_deref().unwrap_or("\0"),
         &format!("{:?}", s.apply_in),
         &format!("{:?}", s.root),
+        &format!("{:?}", s.stages),
         &flags.join(","),
     ] {
         h.add(part.as_bytes());
@@ -273,7 +281,10 @@ fn probe_flags(s: &Scenario, extra: Extra) -> Vec<&'static str> {
     if s.apply_in == ApplyIn::Guest {
         flags.push("apply-in-guest");
     }
-    if extra.list_and_status || !s.expect.status_output.is_empty() {
+    let status_text = std::iter::once(&s.expect)
+        .chain(s.stages.iter().map(|st| &st.expect))
+        .any(|e| !e.status_output.is_empty());
+    if extra.list_and_status || status_text {
         flags.push("status-text");
     }
     if extra.list_and_status {
@@ -383,9 +394,9 @@ fn boot_scenario(
     }
     if run.failures.is_empty() {
         run.failures.extend(expect::check_boot(s, &boot.report));
-    }
-    if run.failures.is_empty() && !keep {
-        let _ = std::fs::remove_file(&overlay);
+        let list = initramfs_list(dir, layers.deb(), &s.expect, &prepared.initrd)?;
+        run.failures
+            .extend(expect::check_initramfs(&s.expect, list.as_deref(), 1));
     }
     if let Some(timeout) = boot.timed_out {
         run.failures.push(format!(
@@ -397,7 +408,161 @@ fn boot_scenario(
         report: boot.report,
         times: boot.times,
     });
+    for (i, stage) in s.stages.iter().enumerate() {
+        if !run.failures.is_empty() {
+            break;
+        }
+        let n = i + 2;
+        let phase = progress::start(&name, &format!("boot {n} (after stage {})", i + 1));
+        let failures = stage_boot(dir, layers, s, stage, &prepared, &overlay, n, &phase, run)?;
+        run.failures.extend(failures);
+    }
+    if run.failures.is_empty() && !keep {
+        let _ = std::fs::remove_file(&overlay);
+    }
     Ok(())
+}
+
+/// Stage `n - 1`'s actions (run at the end of the previous boot, whose report is the
+/// last of `run.boots`) checked, then boot `n` on the same disk, with the kernel,
+/// initramfs and command line of the guest's grub.cfg as the guest left them, checked
+/// against the stage's expectations.
+#[allow(clippy::too_many_arguments)]
+fn stage_boot(
+    dir: &Path,
+    layers: &Layers,
+    s: &Scenario,
+    stage: &scenario::Stage,
+    prepared: &Prepared,
+    overlay: &Path,
+    n: usize,
+    phase: &progress::Phase,
+    run: &mut Run,
+) -> anyhow::Result<Vec<String>> {
+    let before = &run.boots.last().context("no boot before a stage")?.report;
+    let mut failures = expect::check_actions(&stage.expect, before, n - 1);
+    if !failures.is_empty() {
+        return Ok(failures);
+    }
+    let next = next_boot(dir, prepared, n)?;
+    phase.waiting(&format!("boot {n}: QEMU until the probe powers off"));
+    let boot = boot_nth(dir, s, &next, overlay, n, Some(phase))?;
+    if let Some(line) = &boot.panic {
+        failures.push(format!("boot {n}: the guest kernel panicked: {line}"));
+    }
+    if let Some(timeout) = boot.timed_out {
+        failures.push(format!(
+            "boot {n}: the guest did not power off within {} s",
+            timeout.as_secs()
+        ));
+    }
+    if failures.is_empty() {
+        let found = if boot.report.complete {
+            expect::check_expect(&stage.expect, false, &boot.report)
+        } else {
+            vec!["the probe's report is missing or cut off".to_string()]
+        };
+        failures.extend(found.into_iter().map(|f| format!("boot {n}: {f}")));
+        let list = initramfs_list(dir, layers.deb(), &stage.expect, &next.initrd)?;
+        failures.extend(expect::check_initramfs(&stage.expect, list.as_deref(), n));
+    }
+    run.boots.push(BootResult {
+        report: boot.report,
+        times: boot.times,
+    });
+    Ok(failures)
+}
+
+/// Where a stage's transfer disk is attached, and its size (a kernel, an initramfs
+/// and grub.cfg, in a tar archive).
+const TRANSFER_ADDR: &str = "11.0";
+const TRANSFER_BYTES: u64 = 512 << 20;
+
+/// What boot `n` boots: the kernel, initramfs and grub.cfg the previous boot's probe
+/// wrote to the transfer disk, i.e. grub.cfg's default entry as the guest left it.
+fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepared> {
+    let into = dir.join(format!("boot-{n}"));
+    let _ = std::fs::remove_dir_all(&into);
+    std::fs::create_dir_all(&into)?;
+    crate::command::run(
+        std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(dir.join("transfer.img"))
+            .arg("-C")
+            .arg(&into),
+        &dir.join("prepare.log"),
+        Duration::from_secs(120),
+    )
+    .context("reading the transfer disk the guest wrote (see serial.log's next-boot)")?;
+    let cfg = std::fs::read_to_string(into.join("boot/grub/grub.cfg"))
+        .context("the transfer disk holds no grub.cfg")?;
+    let append =
+        image::linux_args_from_grub_cfg(&cfg).context("the guest's grub.cfg has no linux line")?;
+    let path_of = |word: &str| -> anyhow::Result<PathBuf> {
+        let line = cfg
+            .lines()
+            .map(str::trim)
+            .find(|l| l.split_whitespace().next() == Some(word))
+            .with_context(|| format!("the guest's grub.cfg has no {word} line"))?;
+        let file = line.split_whitespace().nth(1).unwrap_or("");
+        Ok(into.join(file.trim_start_matches('/')))
+    };
+    Ok(Prepared {
+        kernel: path_of("linux")?,
+        initrd: path_of("initrd")?,
+        append,
+        disk: prepared.disk.clone(),
+    })
+}
+
+/// `vfio-early initramfs list` of `initrd`, by the package's own binary (unpacked
+/// from the .deb once), when the expectations read it.
+fn initramfs_list(
+    dir: &Path,
+    deb: &Path,
+    e: &scenario::Expect,
+    initrd: &Path,
+) -> anyhow::Result<Option<String>> {
+    if e.initramfs_has.is_empty() && e.initramfs_lacks.is_empty() {
+        return Ok(None);
+    }
+    let unpacked = dir.join("package");
+    let binary = unpacked.join("usr/sbin/vfio-early");
+    let log = dir.join("prepare.log");
+    if !binary.exists() {
+        crate::command::run(
+            std::process::Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb)
+                .arg(&unpacked),
+            &log,
+            Duration::from_secs(120),
+        )?;
+    }
+    let out = dir.join("initramfs-list.txt");
+    let _ = std::fs::remove_file(&out);
+    let code = crate::command::status(
+        std::process::Command::new(&binary)
+            .args(["initramfs", "list"])
+            .arg(initrd),
+        &out,
+        Duration::from_secs(120),
+    )?;
+    if code != Some(0) {
+        bail!(
+            "vfio-early initramfs list {} failed: see {}",
+            initrd.display(),
+            out.display()
+        );
+    }
+    // The log's own lines (the command, a blank line) are not the list.
+    let text = std::fs::read_to_string(&out)?;
+    Ok(Some(
+        text.lines()
+            .filter(|l| !l.is_empty() && !l.starts_with("### "))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+    ))
 }
 
 /// The scenario's tree from the layer: config, setup, apply (in the image, or marked
@@ -425,6 +590,15 @@ fn prepare(
     std::fs::create_dir_all(&flag_dir)?;
     for f in flags {
         std::fs::write(flag_dir.join(f), "")?;
+    }
+    let mut paths: Vec<&String> = s.expect.paths().collect();
+    for (i, stage) in s.stages.iter().enumerate() {
+        std::fs::write(flag_dir.join(format!("stage-{}.sh", i + 1)), stage.script())?;
+        paths.extend(stage.expect.paths());
+    }
+    if !paths.is_empty() {
+        let list: String = paths.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(flag_dir.join("paths"), list)?;
     }
     if s.apply_in == ApplyIn::Image {
         let out = dir.join("apply.log");
@@ -487,7 +661,39 @@ pub fn boot(
     disk: &Path,
     phase: Option<&progress::Phase>,
 ) -> anyhow::Result<Booted> {
-    let timeout = boot_timeout();
+    boot_nth(dir, s, p, disk, 1, phase)
+}
+
+/// Boot number `n` of a scenario (logs of boots after the first are `serial-N.log`
+/// and `qemu-N.log`). A scenario with stages gets a transfer disk, on which the probe
+/// leaves the next boot's kernel, initramfs and grub.cfg.
+fn boot_nth(
+    dir: &Path,
+    s: &Scenario,
+    p: &Prepared,
+    disk: &Path,
+    n: usize,
+    phase: Option<&progress::Phase>,
+) -> anyhow::Result<Booted> {
+    // A boot that runs a stage's actions rebuilds initramfs images under TCG.
+    let timeout = boot_timeout() * if n <= s.stages.len() { 3 } else { 1 };
+    let suffix = if n == 1 {
+        String::new()
+    } else {
+        format!("-{n}")
+    };
+    let mut extra = s.qemu_args.clone();
+    if !s.stages.is_empty() {
+        let transfer = dir.join("transfer.img");
+        let _ = std::fs::remove_file(&transfer);
+        std::fs::File::create(&transfer)?.set_len(TRANSFER_BYTES)?;
+        extra.extend([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=none,id=xfer", transfer.display()),
+            "-device".to_string(),
+            format!("virtio-blk-pci,drive=xfer,serial=vfe-transfer,addr={TRANSFER_ADDR}"),
+        ]);
+    }
     let outcome = qemu::run(
         &qemu::Boot {
             loader: qemu::Loader::Direct {
@@ -498,12 +704,12 @@ pub fn boot(
             disk: Some(disk),
             iommu: s.iommu,
             devices: &s.devices,
-            extra: &s.qemu_args,
-            serial_log: &dir.join("serial.log"),
+            extra: &extra,
+            serial_log: &dir.join(format!("serial{suffix}.log")),
             timeout,
             memory_mib: 1024,
         },
-        &dir.join("qemu.log"),
+        &dir.join(format!("qemu{suffix}.log")),
         phase,
     )?;
     let text: String = outcome

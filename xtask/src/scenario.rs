@@ -95,9 +95,84 @@ pub struct Scenario {
     /// The text of `/etc/vfio-early.toml`.
     pub config: String,
     pub expect: Expect,
+    /// Further boots on the same disk: each stage's actions run in the booted guest
+    /// (after the probe's report), the guest powers off, and the next boot is checked
+    /// against the stage's own `expect`.
+    #[serde(default, rename = "stage")]
+    pub stages: Vec<Stage>,
     /// Filled in by `load`.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// What to do in the booted guest before it shuts down, in this order: write the
+/// config, `apply`, `undo`, each `apt` command, `run`; and what the next boot must
+/// show. Every action must exit 0 (apply: `expect.apply_exit`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// The new text of `/etc/vfio-early.toml`.
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub apply: bool,
+    #[serde(default)]
+    pub undo: bool,
+    /// `apt-get` commands run offline in the guest (`-y --no-download`), e.g.
+    /// `"purge vfio-early"`; what they install must already be in the image's apt
+    /// cache (download it in `setup` with `apt-get install --download-only`).
+    #[serde(default)]
+    pub apt: Vec<String>,
+    /// Shell run last.
+    #[serde(default)]
+    pub run: Option<String>,
+    pub expect: Expect,
+}
+
+impl Stage {
+    /// The stage's actions as a shell script for the probe: one report section per
+    /// action, `== action N WHAT`, its output, then `exit=STATUS`.
+    pub fn script(&self) -> String {
+        // Initramfs builds in the guest take only the modules this machine needs
+        // (MODULES=dep, a setting hosts use too): under TCG the default `most` takes
+        // minutes an image.
+        let mut out = String::from(
+            "# written by the boot harness: one stage's actions\n\
+             mkdir -p /etc/initramfs-tools/conf.d\n\
+             echo MODULES=dep > /etc/initramfs-tools/conf.d/zz-vfio-early-test\n",
+        );
+        let mut n = 0;
+        let mut action = |what: &str, body: &str| {
+            n += 1;
+            out.push_str(&format!(
+                "echo '== action {n} {what}'\n{body}\necho \"exit=$?\"\n"
+            ));
+        };
+        if let Some(config) = &self.config {
+            action(
+                "config",
+                &format!(
+                    "cat > /etc/vfio-early.toml <<'VFE_STAGE_CONFIG'\n{config}\nVFE_STAGE_CONFIG"
+                ),
+            );
+        }
+        if self.apply {
+            action("apply", "vfio-early apply 2>&1");
+        }
+        if self.undo {
+            action("undo", "vfio-early undo 2>&1");
+        }
+        for a in &self.apt {
+            action(
+                &format!("apt-get {a}"),
+                &format!("apt-get -y -q --no-download {a} 2>&1"),
+            );
+        }
+        if let Some(run) = &self.run {
+            action("run", &format!("( {run}\n) 2>&1"));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -140,6 +215,29 @@ pub struct Expect {
     /// Whether `/dev/vfio/` holds a group node.
     #[serde(default)]
     pub vfio_group_nodes: Option<bool>,
+    /// Paths that must exist in the booted guest.
+    #[serde(default)]
+    pub paths_present: Vec<String>,
+    /// Paths that must not exist in the booted guest.
+    #[serde(default)]
+    pub paths_absent: Vec<String>,
+    /// Substrings of `vfio-early initramfs list` on the booted initramfs (our reader,
+    /// run by the harness on the file the boot used).
+    #[serde(default)]
+    pub initramfs_has: Vec<String>,
+    /// Substrings no line of that list may contain.
+    #[serde(default)]
+    pub initramfs_lacks: Vec<String>,
+    /// The running kernel is the newest one installed in the guest.
+    #[serde(default)]
+    pub kernel_newest: bool,
+}
+
+impl Expect {
+    /// Every path the probe must report on (present or absent).
+    pub fn paths(&self) -> impl Iterator<Item = &String> {
+        self.paths_present.iter().chain(&self.paths_absent)
+    }
 }
 
 impl Scenario {
