@@ -99,7 +99,7 @@ fn put_u64(buf: &mut [u8], at: usize, v: u64) {
 /// sector 1, the metadata area from 4 KiB. `disk_bytes - DATA_OFFSET` must be a whole
 /// number of extents.
 pub fn header(disk_bytes: u64) -> Vec<u8> {
-    assert!(disk_bytes > DATA_OFFSET && (disk_bytes - DATA_OFFSET) % EXTENT == 0);
+    assert!(disk_bytes > DATA_OFFSET && (disk_bytes - DATA_OFFSET).is_multiple_of(EXTENT));
     let extents = (disk_bytes - DATA_OFFSET) / EXTENT;
     let mut h = vec![0u8; DATA_OFFSET as usize];
     let mda_size = DATA_OFFSET - MDA_START;
@@ -156,7 +156,11 @@ mod tests {
             for &b in data {
                 c ^= u32::from(b);
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        (c >> 1) ^ 0xedb8_8320
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
@@ -180,7 +184,10 @@ mod tests {
         let text = std::str::from_utf8(&h[4608..4608 + text_len]).expect("utf-8");
         assert!(text.contains("pe_count = 3\n"), "{text}");
         assert!(text.contains("extent_count = 3\n"), "{text}");
-        assert!(text.contains(&format!("dev_size = {}\n", disk / 512)), "{text}");
+        assert!(
+            text.contains(&format!("dev_size = {}\n", disk / 512)),
+            "{text}"
+        );
         assert!(text.ends_with('\0'));
         assert_eq!(dashed(&id(1)).len(), 38);
     }
