@@ -27,6 +27,16 @@ report() {
     section cmdline
     cat /proc/cmdline
 
+    # What booted: the firmware, and the loader entry systemd-boot started (its EFI
+    # variable: a 4-byte attribute header, then the name in UTF-16LE; sent as hex, the
+    # harness decodes it).
+    section firmware
+    if [ -d /sys/firmware/efi ]; then echo uefi; else echo bios; fi
+    entry=/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
+    if [ -e "$entry" ]; then
+        echo "loader-entry-selected $(od -An -v -tx1 "$entry" | tr -d ' \n')"
+    fi
+
     section drivers
     for dev in /sys/bus/pci/devices/*; do
         drv=none

@@ -140,6 +140,30 @@ pub struct Expect {
     /// Whether `/dev/vfio/` holds a group node.
     #[serde(default)]
     pub vfio_group_nodes: Option<bool>,
+    /// The firmware the guest booted through: `uefi` or `bios`.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
+    /// What started the kernel: `systemd-boot`, `grub` or `direct` (QEMU itself).
+    #[serde(default)]
+    pub loader: Option<LoaderSeen>,
+}
+
+/// The firmware a guest booted through, as the probe saw it (`/sys/firmware/efi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}
+
+/// What started the guest's kernel, as the probe saw it: systemd-boot's
+/// `LoaderEntrySelected` EFI variable, GRUB's `BOOT_IMAGE=`, else QEMU's `-kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoaderSeen {
+    SystemdBoot,
+    Grub,
+    Direct,
 }
 
 impl Scenario {
