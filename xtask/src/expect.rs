@@ -170,14 +170,17 @@ fn check_booted_by(e: &scenario::Expect, r: &Report, cmdline: &[&str], f: &mut V
     let (firmware, loader, entry) = booted_by(r, cmdline);
     if let Some(want) = e.firmware {
         if firmware != Some(want) {
-            f.push(format!("firmware {firmware:?}, expected {want:?}"));
+            let got = firmware.map_or("not reported", Firmware::name);
+            f.push(format!("firmware {got}, expected {}", want.name()));
         }
     }
     if let Some(want) = e.loader {
         if loader != want {
             let entry = entry.as_deref().unwrap_or("none");
             f.push(format!(
-                "the kernel was started by {loader:?} (loader entry {entry}), expected {want:?}"
+                "the kernel was started by {} (loader entry {entry}), expected {}",
+                loader.name(),
+                want.name()
             ));
         }
     }
@@ -241,6 +244,31 @@ mod tests {
         assert_eq!(efivar_text("0600000061"), None, "odd UTF-16 body");
         assert_eq!(efivar_text("060000"), None, "shorter than the header");
         assert_eq!(efivar_text("zz000000"), None, "not hex");
+    }
+
+    #[test]
+    fn an_unmet_boot_expectation_says_what_booted() {
+        let e = scenario::Expect {
+            firmware: Some(Firmware::Uefi),
+            loader: Some(LoaderSeen::SystemdBoot),
+            ..Default::default()
+        };
+        let r = parse_report("@@ == firmware\n@@ bios\n");
+        let mut f = Vec::new();
+        check_booted_by(&e, &r, &["root=/dev/vda"], &mut f);
+        assert_eq!(
+            f,
+            [
+                "firmware bios, expected uefi",
+                "the kernel was started by direct (loader entry none), expected systemd-boot"
+            ]
+        );
+        let ok = parse_report(
+            "@@ == firmware\n@@ uefi\n@@ loader-entry-selected 06000000610062000000\n",
+        );
+        let mut f = Vec::new();
+        check_booted_by(&e, &ok, &[], &mut f);
+        assert!(f.is_empty(), "{f:?}");
     }
 
     #[test]

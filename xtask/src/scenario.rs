@@ -173,6 +173,16 @@ pub enum Firmware {
     Bios,
 }
 
+impl Firmware {
+    /// As scenario files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Uefi => "uefi",
+            Firmware::Bios => "bios",
+        }
+    }
+}
+
 /// What started the guest's kernel, as the probe saw it: systemd-boot's
 /// `LoaderEntrySelected` EFI variable, GRUB's `BOOT_IMAGE=`, else QEMU's `-kernel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -181,6 +191,17 @@ pub enum LoaderSeen {
     SystemdBoot,
     Grub,
     Direct,
+}
+
+impl LoaderSeen {
+    /// As scenario files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoaderSeen::SystemdBoot => "systemd-boot",
+            LoaderSeen::Grub => "grub",
+            LoaderSeen::Direct => "direct",
+        }
+    }
 }
 
 impl Scenario {
