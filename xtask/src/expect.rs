@@ -4,7 +4,7 @@
 //! expectation; no message, no failure.
 
 use crate::qemu::Report;
-use crate::scenario::{self, ApplyIn, Scenario};
+use crate::scenario::{self, ApplyIn, Firmware, LoaderSeen, Scenario};
 
 pub fn check_apply(
     e: &scenario::Expect,
@@ -120,6 +120,7 @@ pub fn check_expect(e: &scenario::Expect, guest_apply: bool, r: &Report) -> Vec<
             ));
         }
     }
+    check_booted_by(e, r, &cmdline, &mut f);
     let (status_text, _) = r.with_exit("status");
     for want in &e.status_output {
         if !status_text.contains(want.as_str()) {
@@ -214,6 +215,71 @@ pub fn check_initramfs(e: &scenario::Expect, list: Option<&str>, n: usize) -> Ve
     f
 }
 
+/// What booted the guest, from the probe's `firmware` section: the firmware, and the
+/// loader entry systemd-boot selected (decoded), if any.
+pub fn booted_by(r: &Report, cmdline: &[&str]) -> (Option<Firmware>, LoaderSeen, Option<String>) {
+    let lines = r.section("firmware");
+    let firmware = match lines.first().map(|l| l.trim()) {
+        Some("uefi") => Some(Firmware::Uefi),
+        Some("bios") => Some(Firmware::Bios),
+        _ => None,
+    };
+    let entry = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("loader-entry-selected "))
+        .map(|hex| efivar_text(hex.trim()).unwrap_or_else(|| format!("(undecodable: {hex})")));
+    let loader = if entry.is_some() {
+        LoaderSeen::SystemdBoot
+    } else if cmdline.iter().any(|t| t.starts_with("BOOT_IMAGE=")) {
+        LoaderSeen::Grub
+    } else {
+        LoaderSeen::Direct
+    };
+    (firmware, loader, entry)
+}
+
+/// The text of a string EFI variable as efivarfs shows it, given in hex: a 4-byte
+/// attribute header, then UTF-16LE up to a NUL. `None` when it is not that.
+pub fn efivar_text(hex: &str) -> Option<String> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let body = bytes.get(4..)?;
+    if !body.len().is_multiple_of(2) {
+        return None;
+    }
+    let units: Vec<u16> = body
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    String::from_utf16(&units).ok()
+}
+
+fn check_booted_by(e: &scenario::Expect, r: &Report, cmdline: &[&str], f: &mut Vec<String>) {
+    let (firmware, loader, entry) = booted_by(r, cmdline);
+    if let Some(want) = e.firmware {
+        if firmware != Some(want) {
+            let got = firmware.map_or("not reported", Firmware::name);
+            f.push(format!("firmware {got}, expected {}", want.name()));
+        }
+    }
+    if let Some(want) = e.loader {
+        if loader != want {
+            let entry = entry.as_deref().unwrap_or("none");
+            f.push(format!(
+                "the kernel was started by {} (loader entry {entry}), expected {}",
+                loader.name(),
+                want.name()
+            ));
+        }
+    }
+}
+
 fn check_status(e: &scenario::Expect, v: &serde_json::Value) -> Vec<String> {
     let mut f = Vec::new();
     if let Some(want) = &e.status_verdict {
@@ -253,4 +319,70 @@ pub fn check_boot(s: &Scenario, r: &Report) -> Vec<String> {
         return vec!["the probe's report is missing or cut off (see serial.log)".into()];
     }
     check_report(s, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::parse_report;
+
+    #[test]
+    fn an_efi_string_variable_is_decoded_after_its_attributes() {
+        // efivarfs: attributes 0x00000006 (boot service and runtime access), then
+        // "ab-6.1.conf" in UTF-16LE with its NUL.
+        let mut hex = "06000000".to_string();
+        for c in "ab-6.1.conf\0".bytes() {
+            hex.push_str(&format!("{c:02x}00"));
+        }
+        assert_eq!(efivar_text(&hex).as_deref(), Some("ab-6.1.conf"));
+        assert_eq!(efivar_text("0600000061"), None, "odd UTF-16 body");
+        assert_eq!(efivar_text("060000"), None, "shorter than the header");
+        assert_eq!(efivar_text("zz000000"), None, "not hex");
+    }
+
+    #[test]
+    fn an_unmet_boot_expectation_says_what_booted() {
+        let e = scenario::Expect {
+            firmware: Some(Firmware::Uefi),
+            loader: Some(LoaderSeen::SystemdBoot),
+            ..Default::default()
+        };
+        let r = parse_report("@@ == firmware\n@@ bios\n");
+        let mut f = Vec::new();
+        check_booted_by(&e, &r, &["root=/dev/vda"], &mut f);
+        assert_eq!(
+            f,
+            [
+                "firmware bios, expected uefi",
+                "the kernel was started by direct (loader entry none), expected systemd-boot"
+            ]
+        );
+        let ok = parse_report(
+            "@@ == firmware\n@@ uefi\n@@ loader-entry-selected 06000000610062000000\n",
+        );
+        let mut f = Vec::new();
+        check_booted_by(&e, &ok, &[], &mut f);
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn the_loader_is_systemd_boot_grub_or_qemu() {
+        let sd = parse_report(
+            "@@ == firmware\n@@ uefi\n@@ loader-entry-selected 06000000610062000000\n",
+        );
+        let (fw, loader, entry) = booted_by(&sd, &["root=/dev/vda2"]);
+        assert_eq!(fw, Some(Firmware::Uefi));
+        assert_eq!(loader, LoaderSeen::SystemdBoot);
+        assert_eq!(entry.as_deref(), Some("ab"));
+        let bios = parse_report("@@ == firmware\n@@ bios\n");
+        assert_eq!(
+            booted_by(&bios, &["BOOT_IMAGE=/vmlinuz", "ro"]).1,
+            LoaderSeen::Grub
+        );
+        assert_eq!(
+            booted_by(&bios, &["root=/dev/vda"]),
+            (Some(Firmware::Bios), LoaderSeen::Direct, None)
+        );
+        assert_eq!(booted_by(&parse_report(""), &[]).0, None);
+    }
 }

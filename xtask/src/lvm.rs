@@ -99,7 +99,7 @@ fn put_u64(buf: &mut [u8], at: usize, v: u64) {
 /// sector 1, the metadata area from 4 KiB. `disk_bytes - DATA_OFFSET` must be a whole
 /// number of extents.
 pub fn header(disk_bytes: u64) -> Vec<u8> {
-    assert!(disk_bytes > DATA_OFFSET && (disk_bytes - DATA_OFFSET) % EXTENT == 0);
+    assert!(disk_bytes > DATA_OFFSET && (disk_bytes - DATA_OFFSET).is_multiple_of(EXTENT));
     let extents = (disk_bytes - DATA_OFFSET) / EXTENT;
     let mut h = vec![0u8; DATA_OFFSET as usize];
     let mda_size = DATA_OFFSET - MDA_START;

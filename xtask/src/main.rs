@@ -22,6 +22,7 @@ mod phases;
 mod progress;
 mod qemu;
 mod scenario;
+mod sdboot;
 mod test;
 mod tools;
 

@@ -17,8 +17,8 @@ use xshell::Shell;
 use crate::layer::{Layers, State as LayerState};
 use crate::phases::{self, Phase, Times};
 use crate::qemu::{self, Report};
-use crate::scenario::{self, ApplyIn, Root, Scenario};
-use crate::{disk, expect, image, lvm, progress};
+use crate::scenario::{self, ApplyIn, Boot, Root, Scenario};
+use crate::{disk, expect, image, lvm, progress, sdboot};
 
 pub struct Options {
     pub scenarios: Vec<PathBuf>,
@@ -139,6 +139,20 @@ pub fn run_scenarios(
             ("mkfs.ext4", "e2fsprogs"),
         ],
     )?;
+    if scenarios.iter().any(|s| s.boot == Boot::UefiSystemdBoot) {
+        crate::tools::ensure_apt(
+            sh,
+            &[
+                ("sfdisk", "fdisk"),
+                ("mkfs.vfat", "dosfstools"),
+                ("mcopy", "mtools"),
+            ],
+        )?;
+        crate::tools::ensure_apt_files(
+            sh,
+            &[(qemu::OVMF_CODE, "ovmf"), (qemu::OVMF_VARS, "ovmf")],
+        )?;
+    }
     let deb = crate::deb::build(sh, None, false)?;
     let work = project.join("target/boot-test");
     std::fs::create_dir_all(&work)?;
@@ -236,11 +250,41 @@ fn run_one(work: &Path, layers: &Layers, s: &Scenario, keep: bool, extra: Extra)
 
 /// What a boot needs from the prepared image.
 pub struct Prepared {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub append: String,
+    pub kernel: Kernel,
     /// The prepared root disk; boots write to an overlay on it.
     pub disk: PathBuf,
+}
+
+/// How the prepared image's kernel is started.
+pub enum Kernel {
+    /// By QEMU: the kernel, initramfs and command line copied out of the image.
+    Direct {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: String,
+    },
+    /// By the firmware and the bootloader on the disk's ESP.
+    Uefi,
+}
+
+impl Prepared {
+    /// The prepared image of `dir`, as `prepare` left it for a scenario booting `boot`.
+    fn cached(dir: &Path, boot: Boot) -> anyhow::Result<Prepared> {
+        let kernel = match boot {
+            Boot::Direct => Kernel::Direct {
+                kernel: dir.join("vmlinuz"),
+                initrd: dir.join("initrd.img"),
+                append: std::fs::read_to_string(dir.join("cmdline"))?
+                    .trim()
+                    .to_string(),
+            },
+            Boot::UefiSystemdBoot => Kernel::Uefi,
+        };
+        Ok(Prepared {
+            kernel,
+            disk: dir.join("disk.img"),
+        })
+    }
 }
 
 /// Files of a scenario's directory that make up its prepared image, with the key of
@@ -260,15 +304,26 @@ const PREPARED: &[&str] = &[
 /// everything of the scenario that reaches the image.
 fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
     let mut h = crate::deb::Fnv::new();
-    for part in [
-        layer.to_string_lossy().as_ref(),
-        s.config.as_str(),
-        s.setup.as_deref().unwrap_or("\0"),
-        &format!("{:?}", s.apply_in),
-        &format!("{:?}", s.root),
-        &format!("{:?}", s.stages),
-        &flags.join(","),
-    ] {
+    let mut parts = vec![
+        layer.to_string_lossy().into_owned(),
+        s.config.clone(),
+        s.setup.clone().unwrap_or("\0".into()),
+        format!("{:?}", s.apply_in),
+        format!("{:?}", s.root),
+        format!("{:?}", s.stages),
+        flags.join(","),
+    ];
+    // A direct boot's key stays what it was before boot modes, so its disk stays cached.
+    if s.boot == Boot::UefiSystemdBoot {
+        parts.push(format!(
+            "{:?}\0{}\0{}\0{}",
+            s.boot,
+            sdboot::before_setup(),
+            sdboot::install(),
+            sdboot::ENV
+        ));
+    }
+    for part in parts {
         h.add(part.as_bytes());
         h.add(&[0]);
     }
@@ -338,14 +393,7 @@ fn boot_scenario(
             Duration::ZERO,
             "cached: prepared from the same package, layer and scenario",
         );
-        Prepared {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            append: std::fs::read_to_string(dir.join("cmdline"))?
-                .trim()
-                .to_string(),
-            disk: dir.join("disk.img"),
-        }
+        Prepared::cached(dir, s.boot)?
     } else {
         for f in PREPARED {
             let _ = std::fs::remove_file(dir.join(f));
@@ -360,13 +408,24 @@ fn boot_scenario(
         );
         phase.waiting("making the root disk");
         let disk_started = Instant::now();
-        disk::make(&tree, &prepared.disk, s.root, &dir.join("prepare.log"))?;
+        disk::make(
+            &tree,
+            &prepared.disk,
+            s.root,
+            s.boot,
+            &dir.join("prepare.log"),
+        )?;
         image::remove_tree(&tree)?;
         run.prep.set(Phase::Disk, disk_started.elapsed());
         say(
             "disk",
             disk_started.elapsed(),
-            "the root disk (mkfs.ext4 -d)",
+            match s.boot {
+                Boot::Direct => "the root disk (mkfs.ext4 -d)",
+                Boot::UefiSystemdBoot => {
+                    "the disk: GPT, ESP (mkfs.vfat, mcopy), root (mkfs.ext4 -d)"
+                }
+            },
         );
         std::fs::write(&key_file, format!("{key}\n"))?;
         prepared
@@ -394,7 +453,7 @@ fn boot_scenario(
     }
     if run.failures.is_empty() {
         run.failures.extend(expect::check_boot(s, &boot.report));
-        let list = initramfs_list(dir, layers.deb(), &s.expect, &prepared.initrd)?;
+        let list = initramfs_list(dir, layers.deb(), &s.expect, &prepared)?;
         run.failures
             .extend(expect::check_initramfs(&s.expect, list.as_deref(), 1));
     }
@@ -463,7 +522,7 @@ fn stage_boot(
             vec!["the probe's report is missing or cut off".to_string()]
         };
         failures.extend(found.into_iter().map(|f| format!("boot {n}: {f}")));
-        let list = initramfs_list(dir, layers.deb(), &stage.expect, &next.initrd)?;
+        let list = initramfs_list(dir, layers.deb(), &stage.expect, &next)?;
         failures.extend(expect::check_initramfs(&stage.expect, list.as_deref(), n));
     }
     run.boots.push(BootResult {
@@ -480,7 +539,14 @@ const TRANSFER_BYTES: u64 = 512 << 20;
 
 /// What boot `n` boots: the kernel, initramfs and grub.cfg the previous boot's probe
 /// wrote to the transfer disk, i.e. grub.cfg's default entry as the guest left it.
+/// (A firmware boot needs none of this: the bootloader on the disk chooses.)
 fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepared> {
+    if let Kernel::Uefi = prepared.kernel {
+        return Ok(Prepared {
+            kernel: Kernel::Uefi,
+            disk: prepared.disk.clone(),
+        });
+    }
     let into = dir.join(format!("boot-{n}"));
     let _ = std::fs::remove_dir_all(&into);
     std::fs::create_dir_all(&into)?;
@@ -508,9 +574,11 @@ fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepar
         Ok(into.join(file.trim_start_matches('/')))
     };
     Ok(Prepared {
-        kernel: path_of("linux")?,
-        initrd: path_of("initrd")?,
-        append,
+        kernel: Kernel::Direct {
+            kernel: path_of("linux")?,
+            initrd: path_of("initrd")?,
+            append,
+        },
         disk: prepared.disk.clone(),
     })
 }
@@ -521,11 +589,14 @@ fn initramfs_list(
     dir: &Path,
     deb: &Path,
     e: &scenario::Expect,
-    initrd: &Path,
+    booted: &Prepared,
 ) -> anyhow::Result<Option<String>> {
     if e.initramfs_has.is_empty() && e.initramfs_lacks.is_empty() {
         return Ok(None);
     }
+    let Kernel::Direct { initrd, .. } = &booted.kernel else {
+        bail!("initramfs_has and initramfs_lacks read the initramfs QEMU was handed: direct boots only");
+    };
     let unpacked = dir.join("package");
     let binary = unpacked.join("usr/sbin/vfio-early");
     let log = dir.join("prepare.log");
@@ -566,9 +637,10 @@ fn initramfs_list(
 }
 
 /// The scenario's tree from the layer: config, setup, apply (in the image, or marked
-/// for the guest), the probe's flags; then the kernel, initramfs and command line that
-/// GRUB would boot. Apply's output and exit status are kept in `apply.log` and
-/// `apply.exit` for the checks.
+/// for the guest), the probe's flags; then what boots it: the kernel, initramfs and
+/// command line that GRUB would boot, or (firmware boots) the loader entry on the ESP.
+/// Apply's output and exit status are kept in `apply.log` and `apply.exit` for the
+/// checks; the command line the guest should get in `cmdline`.
 fn prepare(
     dir: &Path,
     layer: &Path,
@@ -583,8 +655,14 @@ fn prepare(
         let fstab = format!("{} / ext4 errors=remount-ro 0 1\n", lvm::device());
         std::fs::write(tree.join("etc/fstab"), fstab)?;
     }
+    if s.boot == Boot::UefiSystemdBoot {
+        sdboot::prepare_tree(tree, &log)?;
+    }
     if let Some(setup) = &s.setup {
         image::chroot_sh(tree, setup, &log, Duration::from_secs(600))?;
+    }
+    if s.boot == Boot::UefiSystemdBoot {
+        sdboot::install_loader(tree, &log)?;
     }
     let flag_dir = tree.join("etc/vfio-early-probe");
     std::fs::create_dir_all(&flag_dir)?;
@@ -602,10 +680,29 @@ fn prepare(
     }
     if s.apply_in == ApplyIn::Image {
         let out = dir.join("apply.log");
-        let code = image::chroot_status(tree, "vfio-early apply", &out, Duration::from_secs(900))?;
+        let env = if s.boot == Boot::UefiSystemdBoot {
+            sdboot::ENV
+        } else {
+            ""
+        };
+        let script = format!("{env}vfio-early apply");
+        let code = image::chroot_status(tree, &script, &out, Duration::from_secs(900))?;
         let shown = code.map_or("killed".to_string(), |c| c.to_string());
         std::fs::write(dir.join("apply.exit"), format!("{shown}\n"))?;
     }
+    let (kernel, append) = match s.boot {
+        Boot::Direct => direct_kernel(dir, tree, s)?,
+        Boot::UefiSystemdBoot => (Kernel::Uefi, sdboot::entry_options(tree)?),
+    };
+    std::fs::write(dir.join("cmdline"), &append)?;
+    Ok(Prepared {
+        kernel,
+        disk: dir.join("disk.img"),
+    })
+}
+
+/// The kernel and initramfs copied out of the tree, and grub.cfg's command line.
+fn direct_kernel(dir: &Path, tree: &Path, s: &Scenario) -> anyhow::Result<(Kernel, String)> {
     let release = image::kernel_release(tree)?;
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("initrd.img");
@@ -618,13 +715,12 @@ fn prepare(
         // As grub-mkconfig writes it on a host whose / is on LVM.
         append = with_root(&append, &lvm::device());
     }
-    std::fs::write(dir.join("cmdline"), &append)?;
-    Ok(Prepared {
+    let k = Kernel::Direct {
         kernel,
         initrd,
-        append,
-        disk: dir.join("disk.img"),
-    })
+        append: append.clone(),
+    };
+    Ok((k, append))
 }
 
 /// `append` with its `root=` argument replaced by `root=DEVICE`.
@@ -683,7 +779,7 @@ fn boot_nth(
         format!("-{n}")
     };
     let mut extra = s.qemu_args.clone();
-    if !s.stages.is_empty() {
+    if !s.stages.is_empty() && matches!(p.kernel, Kernel::Direct { .. }) {
         let transfer = dir.join("transfer.img");
         let _ = std::fs::remove_file(&transfer);
         std::fs::File::create(&transfer)?.set_len(TRANSFER_BYTES)?;
@@ -694,13 +790,30 @@ fn boot_nth(
             format!("virtio-blk-pci,drive=xfer,serial=vfe-transfer,addr={TRANSFER_ADDR}"),
         ]);
     }
+    let vars = dir.join("ovmf-vars.fd");
+    let loader = match &p.kernel {
+        Kernel::Direct {
+            kernel,
+            initrd,
+            append,
+        } => qemu::Loader::Direct {
+            kernel,
+            initrd,
+            append,
+        },
+        Kernel::Uefi => {
+            // Each boot starts from the firmware's pristine variables.
+            std::fs::copy(qemu::OVMF_VARS, &vars)
+                .with_context(|| format!("copying {}", qemu::OVMF_VARS))?;
+            qemu::Loader::Uefi {
+                code: Path::new(qemu::OVMF_CODE),
+                vars: &vars,
+            }
+        }
+    };
     let outcome = qemu::run(
         &qemu::Boot {
-            loader: qemu::Loader::Direct {
-                kernel: &p.kernel,
-                initrd: &p.initrd,
-                append: &p.append,
-            },
+            loader,
             disk: Some(disk),
             iommu: s.iommu,
             devices: &s.devices,
@@ -733,4 +846,30 @@ pub fn boot_timeout() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(extra: &str) -> Scenario {
+        toml::from_str(&format!(
+            "description = \"x\"\ndistro = \"trixie\"\ngenerator = \"initramfs-tools\"\n\
+             iommu = \"intel\"\nconfig = \"\"\n{extra}\n[expect]\n"
+        ))
+        .expect("scenario")
+    }
+
+    #[test]
+    fn the_boot_mode_keys_the_prepared_image() {
+        let layer = Path::new("layers/x");
+        let direct = prepared_key(layer, &scenario(""), &[]);
+        assert_eq!(
+            direct,
+            prepared_key(layer, &scenario("boot = \"direct\""), &[]),
+            "the default is direct"
+        );
+        let uefi = prepared_key(layer, &scenario("boot = \"uefi-systemd-boot\""), &[]);
+        assert_ne!(direct, uefi);
+    }
 }

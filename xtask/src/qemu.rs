@@ -17,15 +17,21 @@ use crate::scenario::Iommu;
 /// Slot of the root disk (virtio-blk); scenarios keep clear of it.
 pub const ROOT_DISK_ADDR: &str = "10.0";
 
-/// How the guest gets its kernel. Only `Direct` today: QEMU loads the kernel and
-/// initramfs itself (its firmware hands over at once); firmware boots from the disk
-/// will be a second variant.
+/// OVMF's code (read-only) and the variable store each boot gets a copy of.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// How the guest gets its kernel.
 pub enum Loader<'a> {
+    /// QEMU loads the kernel and initramfs itself (SeaBIOS hands over at once).
     Direct {
         kernel: &'a Path,
         initrd: &'a Path,
         append: &'a str,
     },
+    /// UEFI firmware (OVMF as pflash) boots the root disk, whatever its ESP holds;
+    /// `vars` is this boot's own copy of the variable store.
+    Uefi { code: &'a Path, vars: &'a Path },
 }
 
 pub struct Boot<'a> {
@@ -89,6 +95,11 @@ pub fn command(b: &Boot) -> Command {
         Iommu::None => {}
     }
     if let Some(disk) = b.disk {
+        // The firmware boots the disk, not a NIC's option ROM.
+        let boot_first = match b.loader {
+            Loader::Uefi { .. } => ",bootindex=0",
+            Loader::Direct { .. } => "",
+        };
         c.arg("-drive")
             .arg(format!(
                 "file={},format={},if=none,id=root",
@@ -101,7 +112,7 @@ pub fn command(b: &Boot) -> Command {
             ))
             .args([
                 "-device",
-                &format!("virtio-blk-pci,drive=root,addr={ROOT_DISK_ADDR}"),
+                &format!("virtio-blk-pci,drive=root,addr={ROOT_DISK_ADDR}{boot_first}"),
             ]);
     }
     for d in b.devices {
@@ -119,6 +130,14 @@ pub fn command(b: &Boot) -> Command {
                 .arg("-initrd")
                 .arg(initrd)
                 .args(["-append", append]);
+        }
+        Loader::Uefi { code, vars } => {
+            for (unit, file, ro) in [(0, code, ",readonly=on"), (1, vars, "")] {
+                c.arg("-drive").arg(format!(
+                    "if=pflash,format=raw,unit={unit}{ro},file={}",
+                    file.display()
+                ));
+            }
         }
     }
     c
@@ -286,5 +305,36 @@ mod tests {
         assert!(joined.contains("virtio-blk-pci,drive=root,addr=10.0"));
         assert!(joined.contains("-device e1000e,addr=05.0"));
         assert!(joined.contains("-M q35,kernel-irqchip=split"));
+        assert!(joined.contains("-kernel vmlinuz -initrd initrd -append root=/dev/vda"));
+        assert!(!joined.contains("pflash"));
+        assert!(!joined.contains("bootindex"));
+    }
+
+    #[test]
+    fn a_uefi_boot_has_the_firmware_and_no_kernel() {
+        let b = Boot {
+            loader: Loader::Uefi {
+                code: Path::new("/fw/CODE.fd"),
+                vars: Path::new("vars.fd"),
+            },
+            disk: Some(Path::new("disk.img")),
+            iommu: Iommu::Intel,
+            devices: &[],
+            extra: &[],
+            serial_log: Path::new("serial.log"),
+            timeout: Duration::from_secs(1),
+            memory_mib: 1024,
+        };
+        let args: Vec<String> = command(&b)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-drive if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd"));
+        assert!(joined.contains("-drive if=pflash,format=raw,unit=1,file=vars.fd"));
+        assert!(joined.contains("virtio-blk-pci,drive=root,addr=10.0,bootindex=0"));
+        for direct in ["-kernel", "-initrd", "-append"] {
+            assert!(!args.iter().any(|a| a == direct), "{joined}");
+        }
     }
 }

@@ -71,6 +71,20 @@ pub enum Root {
     Lvm,
 }
 
+/// How the guest gets to its kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Boot {
+    /// QEMU loads the kernel and initramfs itself, with the command line of grub.cfg's
+    /// first entry (`-kernel`, `-initrd`, `-append`).
+    #[default]
+    Direct,
+    /// OVMF (UEFI) boots the disk: a GPT with an ESP holding systemd-boot (installed by
+    /// `bootctl`) and the loader entries kernel-install made from `/etc/kernel/cmdline`.
+    /// The image needs `systemd-boot` and `/etc/kernel/cmdline` (from `setup`).
+    UefiSystemdBoot,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
@@ -92,6 +106,9 @@ pub struct Scenario {
     /// What the root filesystem sits on (`plain` or `lvm`).
     #[serde(default)]
     pub root: Root,
+    /// How the guest boots (`direct` or `uefi-systemd-boot`).
+    #[serde(default)]
+    pub boot: Boot,
     /// The text of `/etc/vfio-early.toml`.
     pub config: String,
     pub expect: Expect,
@@ -231,12 +248,57 @@ pub struct Expect {
     /// The running kernel is the newest one installed in the guest.
     #[serde(default)]
     pub kernel_newest: bool,
+    /// The firmware the guest booted through: `uefi` or `bios`.
+    #[serde(default)]
+    pub firmware: Option<Firmware>,
+    /// What started the kernel: `systemd-boot`, `grub` or `direct` (QEMU itself).
+    #[serde(default)]
+    pub loader: Option<LoaderSeen>,
 }
 
 impl Expect {
     /// Every path the probe must report on (present or absent).
     pub fn paths(&self) -> impl Iterator<Item = &String> {
         self.paths_present.iter().chain(&self.paths_absent)
+    }
+}
+
+/// The firmware a guest booted through, as the probe saw it (`/sys/firmware/efi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}
+
+impl Firmware {
+    /// As scenario files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Uefi => "uefi",
+            Firmware::Bios => "bios",
+        }
+    }
+}
+
+/// What started the guest's kernel, as the probe saw it: systemd-boot's
+/// `LoaderEntrySelected` EFI variable, GRUB's `BOOT_IMAGE=`, else QEMU's `-kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoaderSeen {
+    SystemdBoot,
+    Grub,
+    Direct,
+}
+
+impl LoaderSeen {
+    /// As scenario files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoaderSeen::SystemdBoot => "systemd-boot",
+            LoaderSeen::Grub => "grub",
+            LoaderSeen::Direct => "direct",
+        }
     }
 }
 
@@ -255,6 +317,13 @@ pub fn load(path: &Path) -> anyhow::Result<Scenario> {
     let mut s: Scenario =
         toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
     s.path = path.to_path_buf();
+    if s.boot == Boot::UefiSystemdBoot && s.root == Root::Lvm {
+        bail!(
+            "scenario {}: boot = \"uefi-systemd-boot\" takes a plain root only (its disk is \
+             a GPT with the ESP and an ext4 root partition)",
+            path.display()
+        );
+    }
     for d in &s.devices {
         if !d.contains("addr=") {
             bail!(

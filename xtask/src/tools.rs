@@ -31,6 +31,21 @@ pub fn ensure_apt(sh: &Shell, progs: &[(&str, &str)]) -> anyhow::Result<()> {
         .filter(|(prog, _)| !have(prog))
         .map(|(_, pkg)| *pkg)
         .collect();
+    install_apt(sh, &missing)
+}
+
+/// Installs the Debian packages providing `files` (pairs of absolute path, package)
+/// that are missing: for what is no program (firmware images).
+pub fn ensure_apt_files(sh: &Shell, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = files
+        .iter()
+        .filter(|(path, _)| !std::path::Path::new(path).is_file())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    install_apt(sh, &missing)
+}
+
+fn install_apt(sh: &Shell, missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -40,7 +55,7 @@ pub fn ensure_apt(sh: &Shell, progs: &[(&str, &str)]) -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
-    let pkgs = with_matching_qemu_utils(&missing);
+    let pkgs = with_matching_qemu_utils(missing);
     eprintln!("xtask: installing {} with apt-get", pkgs.join(" "));
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
     let shown = pkgs.join(" ");
