@@ -156,7 +156,7 @@ impl Stage {
         let mut out = String::from(
             "# written by the boot harness: one stage's actions\n\
              mkdir -p /etc/initramfs-tools/conf.d\n\
-             echo MODULES=dep > /etc/initramfs-tools/conf.d/zz-vfio-early-test\n",
+             echo MODULES=dep > /etc/initramfs-tools/conf.d/zz-boot-harness-modules\n",
         );
         let mut n = 0;
         let mut action = |what: &str, body: &str| {
