@@ -159,7 +159,11 @@ pub fn run_scenarios(
     let wanted: Vec<_> = scenarios.iter().map(|s| (s.distro, s.generator)).collect();
     let layers = Layers::new(project, &deb, &wanted);
 
-    let queue = Arc::new(Mutex::new(scenarios.to_vec()));
+    // The longest first, so that the workers end together: a scenario with more boots
+    // (stages) before one with fewer; otherwise file order.
+    let mut ordered = scenarios.to_vec();
+    ordered.sort_by_key(|s| std::cmp::Reverse(s.stages.len()));
+    let queue = Arc::new(Mutex::new(ordered));
     let results = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
@@ -674,6 +678,8 @@ fn prepare(
         std::fs::write(flag_dir.join(format!("stage-{}.sh", i + 1)), stage.script())?;
         paths.extend(stage.expect.paths());
     }
+    paths.sort();
+    paths.dedup();
     if !paths.is_empty() {
         let list: String = paths.iter().map(|p| format!("{p}\n")).collect();
         std::fs::write(flag_dir.join("paths"), list)?;
