@@ -81,7 +81,7 @@ pub fn sfdisk_script(l: &GptLayout) -> String {
 /// offset, then LVM's label and metadata go in front of it).
 pub fn make(tree: &Path, disk: &Path, root: Root, boot: Boot, log: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(disk);
-    if boot == Boot::UefiSystemdBoot {
+    if boot.is_uefi() {
         return make_gpt(tree, disk, log);
     }
     let mut size_mib = root_mib(tree);

@@ -139,7 +139,7 @@ pub fn run_scenarios(
             ("mkfs.ext4", "e2fsprogs"),
         ],
     )?;
-    if scenarios.iter().any(|s| s.boot == Boot::UefiSystemdBoot) {
+    if scenarios.iter().any(|s| s.boot.is_uefi()) {
         crate::tools::ensure_apt(
             sh,
             &[
@@ -282,7 +282,7 @@ impl Prepared {
                     .trim()
                     .to_string(),
             },
-            Boot::UefiSystemdBoot => Kernel::Uefi,
+            Boot::UefiSystemdBoot | Boot::UefiUki => Kernel::Uefi,
         };
         Ok(Prepared {
             kernel,
@@ -318,7 +318,7 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         flags.join(","),
     ];
     // A direct boot's key stays what it was before boot modes, so its disk stays cached.
-    if s.boot == Boot::UefiSystemdBoot {
+    if s.boot.is_uefi() {
         parts.push(format!(
             "{:?}\0{}\0{}\0{}",
             s.boot,
@@ -426,7 +426,7 @@ fn boot_scenario(
             disk_started.elapsed(),
             match s.boot {
                 Boot::Direct => "the root disk (mkfs.ext4 -d)",
-                Boot::UefiSystemdBoot => {
+                Boot::UefiSystemdBoot | Boot::UefiUki => {
                     "the disk: GPT, ESP (mkfs.vfat, mcopy), root (mkfs.ext4 -d)"
                 }
             },
@@ -659,13 +659,13 @@ fn prepare(
         let fstab = format!("{} / ext4 errors=remount-ro 0 1\n", lvm::device());
         std::fs::write(tree.join("etc/fstab"), fstab)?;
     }
-    if s.boot == Boot::UefiSystemdBoot {
+    if s.boot.is_uefi() {
         sdboot::prepare_tree(tree, &log)?;
     }
     if let Some(setup) = &s.setup {
         image::chroot_sh(tree, setup, &log, Duration::from_secs(600))?;
     }
-    if s.boot == Boot::UefiSystemdBoot {
+    if s.boot.is_uefi() {
         sdboot::install_loader(tree, &log)?;
     }
     let flag_dir = tree.join("etc/vfio-early-probe");
@@ -686,7 +686,7 @@ fn prepare(
     }
     if s.apply_in == ApplyIn::Image {
         let out = dir.join("apply.log");
-        let env = if s.boot == Boot::UefiSystemdBoot {
+        let env = if s.boot.is_uefi() {
             sdboot::ENV
         } else {
             ""
@@ -699,6 +699,7 @@ fn prepare(
     let (kernel, append) = match s.boot {
         Boot::Direct => direct_kernel(dir, tree, s)?,
         Boot::UefiSystemdBoot => (Kernel::Uefi, sdboot::entry_options(tree)?),
+        Boot::UefiUki => (Kernel::Uefi, sdboot::uki_cmdline(tree)?),
     };
     std::fs::write(dir.join("cmdline"), &append)?;
     Ok(Prepared {

@@ -83,6 +83,18 @@ pub enum Boot {
     /// `bootctl`) and the loader entries kernel-install made from `/etc/kernel/cmdline`.
     /// The image needs `systemd-boot` and `/etc/kernel/cmdline` (from `setup`).
     UefiSystemdBoot,
+    /// As `uefi-systemd-boot`, with kernel-install's `layout=uki`: systemd-boot starts
+    /// a unified kernel image (`EFI/Linux/*.efi`), whose embedded `.cmdline` ukify made
+    /// from `/etc/kernel/cmdline`. The image also needs `systemd-ukify` and
+    /// `/etc/kernel/install.conf` saying `layout=uki` (from `setup`).
+    UefiUki,
+}
+
+impl Boot {
+    /// Firmware (OVMF) boots the disk's ESP with systemd-boot.
+    pub fn is_uefi(self) -> bool {
+        matches!(self, Boot::UefiSystemdBoot | Boot::UefiUki)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,10 +329,10 @@ pub fn load(path: &Path) -> anyhow::Result<Scenario> {
     let mut s: Scenario =
         toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
     s.path = path.to_path_buf();
-    if s.boot == Boot::UefiSystemdBoot && s.root == Root::Lvm {
+    if s.boot.is_uefi() && s.root == Root::Lvm {
         bail!(
-            "scenario {}: boot = \"uefi-systemd-boot\" takes a plain root only (its disk is \
-             a GPT with the ESP and an ext4 root partition)",
+            "scenario {}: a UEFI boot takes a plain root only (its disk is a GPT with the \
+             ESP and an ext4 root partition)",
             path.display()
         );
     }

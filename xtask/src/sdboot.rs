@@ -127,6 +127,34 @@ pub fn entry_options(tree: &Path) -> anyhow::Result<String> {
     Ok(options_of(&text))
 }
 
+/// The command line embedded in the unified kernel image systemd-boot will start: the
+/// one UKI kernel-install put under `EFI/Linux` on the ESP (`layout=uki`).
+pub fn uki_cmdline(tree: &Path) -> anyhow::Result<String> {
+    let dir = tree.join(ESP_DIR).join("EFI/Linux");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".efi"))
+        .collect();
+    names.sort();
+    let [name] = names.as_slice() else {
+        anyhow::bail!(
+            "{} holds {} unified kernel images ({}), expected the one kernel-install \
+             (layout=uki) writes when apply rebuilds the initramfs (see apply.log)",
+            dir.display(),
+            names.len(),
+            names.join(", ")
+        );
+    };
+    let mut f = std::fs::File::open(dir.join(name))?;
+    let cmdline = vfio_early::nextboot::pe_section(&mut f, b".cmdline")?
+        .with_context(|| format!("{name} has no .cmdline section"))?;
+    Ok(String::from_utf8_lossy(&cmdline)
+        .trim_end_matches(['\0', '\n', ' '])
+        .to_string())
+}
+
 /// The files a Boot Loader Specification entry loads (`linux`, `initrd`).
 pub fn files_of(entry: &str) -> Vec<&str> {
     entry
