@@ -686,11 +686,7 @@ fn prepare(
     }
     if s.apply_in == ApplyIn::Image {
         let out = dir.join("apply.log");
-        let env = if s.boot.is_uefi() {
-            sdboot::ENV
-        } else {
-            ""
-        };
+        let env = if s.boot.is_uefi() { sdboot::ENV } else { "" };
         let script = format!("{env}vfio-early apply");
         let code = image::chroot_status(tree, &script, &out, Duration::from_secs(900))?;
         let shown = code.map_or("killed".to_string(), |c| c.to_string());

@@ -1,8 +1,10 @@
 //! `cargo xtask test`: every check CI runs, in the order that fails fastest: formatting,
 //! lints, generated files, shellcheck on every shell script, the unit and integration
 //! tests with snapshots checked (no pending, no unreferenced snapshot), a 20 s bounded
-//! fuzz run, then the package's life cycle in a chroot (`deb-test`) and every boot
-//! scenario (`boot-test`). `--no-boot` stops before the last two, and says so.
+//! fuzz run, then the package (built once, linted), and at the same time its life cycle
+//! in a chroot (`deb-test`) and every boot scenario (`boot-test`): the chroot's
+//! debootstrap and dpkg wait on the network and the disk while the guests take the
+//! cores. `--no-boot` stops before the last three, and says so.
 //!
 //! Each step runs as its own process (cargo, shellcheck, or this xtask's own task), its
 //! output in `target/xtask/test-<step>.log`: one line per step, and the whole log of a
@@ -109,14 +111,21 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
             limit: Duration::from_secs(300),
         },
     ];
+    let mut together = Vec::new();
     if !no_boot {
         steps.push(Step {
+            name: "deb",
+            what: "the .deb, built once and linted",
+            cmd: own(&["deb"]),
+            limit: Duration::from_secs(2400),
+        });
+        together.push(Step {
             name: "deb-test",
             what: "the package's life cycle in a Debian 12 chroot",
             cmd: own(&["deb-test"]),
             limit: Duration::from_secs(2400),
         });
-        steps.push(Step {
+        together.push(Step {
             name: "boot-test",
             what: "every scenario booted in QEMU",
             cmd: own(&["boot-test"]),
@@ -124,44 +133,73 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
         });
     }
     let logs = project.join("target/xtask");
-    let total = steps.len();
-    for (i, mut step) in steps.into_iter().enumerate() {
-        let log = logs.join(format!("test-{}.log", step.name));
-        let _ = std::fs::remove_file(&log);
-        let phase = progress::start(&format!("test: {}", step.name), step.what);
-        let code = command::status(&mut step.cmd, &log, step.limit)?;
-        if code != Some(0) {
-            drop(phase);
-            let text = std::fs::read(&log).unwrap_or_default();
-            progress::line(&format!(
-                "FAILED {} ({}); its log, {}:",
-                step.name,
-                step.what,
-                log.display()
-            ));
-            progress::raw(&text);
-            progress::line(&format!("test: {i} passed, 1 failed"));
-            bail!(
-                "step {} failed (exit {code:?}); log {}",
-                step.name,
-                log.display()
-            );
-        }
-        let last = command::tail(&log, 1);
-        let last = last.trim();
-        phase.done(&if last.is_empty() || last.starts_with("###") {
-            step.what.to_string()
-        } else {
-            format!("{}: {last}", step.what)
-        });
+    let total = steps.len() + together.len();
+    let mut passed = 0;
+    for step in steps {
+        run_step(step, &logs, passed)?;
+        passed += 1;
+    }
+    // Both at once; each says its line when it ends, a failure after the other ended.
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = together
+            .into_iter()
+            .map(|step| {
+                let logs = &logs;
+                scope.spawn(move || run_step(step, logs, passed))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a test step's thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
     }
     if no_boot {
         progress::line(
-            "SKIPPED deb-test and boot-test (--no-boot): the package life cycle and the \
-             boot scenarios were not run",
+            "SKIPPED deb, deb-test and boot-test (--no-boot): the package, its life cycle \
+             and the boot scenarios were not run",
         );
     }
     progress::line(&format!("test: {total} passed, 0 failed"));
+    Ok(())
+}
+
+/// Runs one step with its log in `logs`; on failure prints the whole log and says how
+/// many passed before it.
+fn run_step(mut step: Step, logs: &Path, passed: usize) -> anyhow::Result<()> {
+    let log = logs.join(format!("test-{}.log", step.name));
+    let _ = std::fs::remove_file(&log);
+    let phase = progress::start(&format!("test: {}", step.name), step.what);
+    let code = command::status(&mut step.cmd, &log, step.limit)?;
+    if code != Some(0) {
+        drop(phase);
+        let text = std::fs::read(&log).unwrap_or_default();
+        progress::line(&format!(
+            "FAILED {} ({}); its log, {}:",
+            step.name,
+            step.what,
+            log.display()
+        ));
+        progress::raw(&text);
+        progress::line(&format!("test: {passed} passed, 1 failed"));
+        bail!(
+            "step {} failed (exit {code:?}); log {}",
+            step.name,
+            log.display()
+        );
+    }
+    let last = command::tail(&log, 1);
+    let last = last.trim();
+    phase.done(&if last.is_empty() || last.starts_with("###") {
+        step.what.to_string()
+    } else {
+        format!("{}: {last}", step.what)
+    });
     Ok(())
 }
 
