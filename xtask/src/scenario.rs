@@ -72,6 +72,8 @@ pub enum Root {
 }
 
 /// How the guest gets to its kernel.
+// The variants spell the values scenario files write (`uefi-systemd-boot`).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Boot {
