@@ -125,8 +125,14 @@ impl Times {
 /// prefix allowed).
 pub fn kmsg_seconds(line: &str) -> Option<f64> {
     let line = line.strip_prefix("@@ ").unwrap_or(line);
-    let inner = line.trim_start().strip_prefix('[')?;
-    inner.split(']').next()?.trim().parse().ok()
+    // A console line may start with a terminal's escape sequences (OVMF and
+    // systemd-boot leave some): the stamp is the first `[ seconds]` in it.
+    line.match_indices('[').find_map(|(at, _)| {
+        let inner = &line[at + 1..];
+        let stamp = inner.split(']').next()?;
+        let t = stamp.trim();
+        (t.contains('.') && !stamp.contains('[')).then(|| t.parse().ok())?
+    })
 }
 
 fn first(kmsg: &[String], needle: &str) -> Option<f64> {
@@ -253,6 +259,14 @@ mod tests {
 
     fn lines(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_stamp_after_terminal_escapes_is_found() {
+        let line = "\u{1b}[!p\u{1b}]104\u{7}\u{1b}[?7h[   31.230010] vfio-early-probe: start";
+        assert_eq!(kmsg_seconds(line), Some(31.23001));
+        assert_eq!(kmsg_seconds("@@ [    8.500000] x"), Some(8.5));
+        assert_eq!(kmsg_seconds("no stamp [here]"), None);
     }
 
     #[test]
