@@ -18,7 +18,7 @@ use crate::layer::{Layers, State as LayerState};
 use crate::phases::{self, Phase, Times};
 use crate::qemu::{self, Report};
 use crate::scenario::{self, ApplyIn, Boot, Root, Scenario};
-use crate::{disk, expect, image, lvm, progress, sdboot};
+use crate::{disk, expect, grub, image, lvm, progress, sdboot};
 
 pub struct Options {
     pub scenarios: Vec<PathBuf>,
@@ -139,19 +139,21 @@ pub fn run_scenarios(
             ("mkfs.ext4", "e2fsprogs"),
         ],
     )?;
-    if scenarios.iter().any(|s| s.boot.is_uefi()) {
-        crate::tools::ensure_apt(
-            sh,
-            &[
-                ("sfdisk", "fdisk"),
-                ("mkfs.vfat", "dosfstools"),
-                ("mcopy", "mtools"),
-            ],
-        )?;
+    if scenarios.iter().any(|s| s.boot != Boot::Direct) {
+        crate::tools::ensure_apt(sh, &[("sfdisk", "fdisk")])?;
+    }
+    if scenarios.iter().any(|s| s.boot.has_esp()) {
+        crate::tools::ensure_apt(sh, &[("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")])?;
         crate::tools::ensure_apt_files(
             sh,
             &[(qemu::OVMF_CODE, "ovmf"), (qemu::OVMF_VARS, "ovmf")],
         )?;
+    }
+    if scenarios.iter().any(|s| s.boot.is_grub()) {
+        crate::tools::ensure_apt(sh, &[("losetup", "mount"), ("partx", "util-linux")])?;
+    }
+    if scenarios.iter().any(|s| s.boot == Boot::UefiGrub) {
+        crate::tools::ensure_apt(sh, &[("fusefat", "fusefat")])?;
     }
     let deb = crate::deb::build(sh, None, false)?;
     let work = project.join("target/boot-test");
@@ -260,6 +262,7 @@ pub struct Prepared {
 }
 
 /// How the prepared image's kernel is started.
+#[derive(Clone)]
 pub enum Kernel {
     /// By QEMU: the kernel, initramfs and command line copied out of the image.
     Direct {
@@ -267,8 +270,10 @@ pub enum Kernel {
         initrd: PathBuf,
         append: String,
     },
-    /// By the firmware and the bootloader on the disk's ESP.
+    /// By UEFI firmware and the bootloader on the disk's ESP.
     Uefi,
+    /// By the BIOS and GRUB in the disk's BIOS boot partition.
+    Bios,
 }
 
 impl Prepared {
@@ -282,7 +287,8 @@ impl Prepared {
                     .trim()
                     .to_string(),
             },
-            Boot::UefiSystemdBoot | Boot::UefiUki => Kernel::Uefi,
+            Boot::UefiSystemdBoot | Boot::UefiUki | Boot::UefiGrub => Kernel::Uefi,
+            Boot::BiosGrub => Kernel::Bios,
         };
         Ok(Prepared {
             kernel,
@@ -318,13 +324,22 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         flags.join(","),
     ];
     // A direct boot's key stays what it was before boot modes, so its disk stays cached.
-    if s.boot.is_uefi() {
+    if s.boot.is_systemd_boot() {
         parts.push(format!(
             "{:?}\0{}\0{}\0{}",
             s.boot,
             sdboot::before_setup(),
             sdboot::install(),
             sdboot::ENV
+        ));
+    }
+    if s.boot.is_grub() {
+        parts.push(format!(
+            "{:?}\0{}\0{}\0{}",
+            s.boot,
+            grub::before_setup(s.boot),
+            grub::check_installed(s.boot),
+            grub::install(s.boot, "DEVICE")
         ));
     }
     for part in parts {
@@ -420,17 +435,12 @@ fn boot_scenario(
             &dir.join("prepare.log"),
         )?;
         image::remove_tree(&tree)?;
+        if s.boot.is_grub() {
+            phase.waiting("grub-install on the disk (loop device, chroot)");
+            grub::install_on_disk(&prepared.disk, s.boot, &dir.join("prepare.log"))?;
+        }
         run.prep.set(Phase::Disk, disk_started.elapsed());
-        say(
-            "disk",
-            disk_started.elapsed(),
-            match s.boot {
-                Boot::Direct => "the root disk (mkfs.ext4 -d)",
-                Boot::UefiSystemdBoot | Boot::UefiUki => {
-                    "the disk: GPT, ESP (mkfs.vfat, mcopy), root (mkfs.ext4 -d)"
-                }
-            },
-        );
+        say("disk", disk_started.elapsed(), disk_text(s.boot));
         std::fs::write(&key_file, format!("{key}\n"))?;
         prepared
     };
@@ -484,6 +494,22 @@ fn boot_scenario(
         let _ = std::fs::remove_file(&overlay);
     }
     Ok(())
+}
+
+/// What the disk phase made, for the demo's line.
+fn disk_text(boot: Boot) -> &'static str {
+    match boot {
+        Boot::Direct => "the root disk (mkfs.ext4 -d)",
+        Boot::UefiSystemdBoot | Boot::UefiUki => {
+            "the disk: GPT, ESP (mkfs.vfat, mcopy), root (mkfs.ext4 -d)"
+        }
+        Boot::BiosGrub => {
+            "the disk: GPT, BIOS boot partition, root (mkfs.ext4 -d), grub-install i386-pc"
+        }
+        Boot::UefiGrub => {
+            "the disk: GPT, ESP (mkfs.vfat), root (mkfs.ext4 -d), grub-install x86_64-efi"
+        }
+    }
 }
 
 /// Stage `n - 1`'s actions (run at the end of the previous boot, whose report is the
@@ -545,9 +571,9 @@ const TRANSFER_BYTES: u64 = 512 << 20;
 /// wrote to the transfer disk, i.e. grub.cfg's default entry as the guest left it.
 /// (A firmware boot needs none of this: the bootloader on the disk chooses.)
 fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepared> {
-    if let Kernel::Uefi = prepared.kernel {
+    if !matches!(prepared.kernel, Kernel::Direct { .. }) {
         return Ok(Prepared {
-            kernel: Kernel::Uefi,
+            kernel: prepared.kernel.clone(),
             disk: prepared.disk.clone(),
         });
     }
@@ -659,14 +685,18 @@ fn prepare(
         let fstab = format!("{} / ext4 errors=remount-ro 0 1\n", lvm::device());
         std::fs::write(tree.join("etc/fstab"), fstab)?;
     }
-    if s.boot.is_uefi() {
-        sdboot::prepare_tree(tree, &log)?;
+    match s.boot {
+        Boot::Direct => {}
+        Boot::UefiSystemdBoot | Boot::UefiUki => sdboot::prepare_tree(tree, &log)?,
+        Boot::BiosGrub | Boot::UefiGrub => grub::prepare_tree(tree, s.boot, &log)?,
     }
     if let Some(setup) = &s.setup {
         image::chroot_sh(tree, setup, &log, Duration::from_secs(600))?;
     }
-    if s.boot.is_uefi() {
-        sdboot::install_loader(tree, &log)?;
+    match s.boot {
+        Boot::Direct => {}
+        Boot::UefiSystemdBoot | Boot::UefiUki => sdboot::install_loader(tree, &log)?,
+        Boot::BiosGrub | Boot::UefiGrub => grub::check_tree(tree, s.boot, &log)?,
     }
     let flag_dir = tree.join("etc/vfio-early-probe");
     std::fs::create_dir_all(&flag_dir)?;
@@ -686,7 +716,11 @@ fn prepare(
     }
     if s.apply_in == ApplyIn::Image {
         let out = dir.join("apply.log");
-        let env = if s.boot.is_uefi() { sdboot::ENV } else { "" };
+        let env = if s.boot.is_systemd_boot() {
+            sdboot::ENV
+        } else {
+            ""
+        };
         let script = format!("{env}vfio-early apply");
         let code = image::chroot_status(tree, &script, &out, Duration::from_secs(900))?;
         let shown = code.map_or("killed".to_string(), |c| c.to_string());
@@ -696,6 +730,9 @@ fn prepare(
         Boot::Direct => direct_kernel(dir, tree, s)?,
         Boot::UefiSystemdBoot => (Kernel::Uefi, sdboot::entry_options(tree)?),
         Boot::UefiUki => (Kernel::Uefi, sdboot::uki_cmdline(tree)?),
+        // GRUB boots grub.cfg's default entry, the first.
+        Boot::UefiGrub => (Kernel::Uefi, image::grub_linux_args(tree)?),
+        Boot::BiosGrub => (Kernel::Bios, image::grub_linux_args(tree)?),
     };
     std::fs::write(dir.join("cmdline"), &append)?;
     Ok(Prepared {
@@ -813,6 +850,7 @@ fn boot_nth(
                 vars: &vars,
             }
         }
+        Kernel::Bios => qemu::Loader::Bios,
     };
     let outcome = qemu::run(
         &qemu::Boot {
@@ -872,7 +910,23 @@ mod tests {
             prepared_key(layer, &scenario("boot = \"direct\""), &[]),
             "the default is direct"
         );
-        let uefi = prepared_key(layer, &scenario("boot = \"uefi-systemd-boot\""), &[]);
-        assert_ne!(direct, uefi);
+        let keys: Vec<String> = ["uefi-systemd-boot", "bios-grub", "uefi-grub"]
+            .iter()
+            .map(|b| prepared_key(layer, &scenario(&format!("boot = \"{b}\"")), &[]))
+            .collect();
+        assert!(!keys.contains(&direct));
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[1], keys[2], "one disk per boot mode");
+    }
+
+    #[test]
+    fn a_grub_boot_has_no_transfer_disk_and_keeps_its_firmware() {
+        let bios = Prepared {
+            kernel: Kernel::Bios,
+            disk: PathBuf::from("disk.img"),
+        };
+        let next = next_boot(Path::new("/nonexistent"), &bios, 2).expect("no transfer to read");
+        assert!(matches!(next.kernel, Kernel::Bios));
+        assert_eq!(next.disk, bios.disk);
     }
 }

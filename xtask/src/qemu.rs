@@ -32,6 +32,8 @@ pub enum Loader<'a> {
     /// UEFI firmware (OVMF as pflash) boots the root disk, whatever its ESP holds;
     /// `vars` is this boot's own copy of the variable store.
     Uefi { code: &'a Path, vars: &'a Path },
+    /// QEMU's own BIOS (SeaBIOS) boots the root disk, whatever its MBR starts.
+    Bios,
 }
 
 pub struct Boot<'a> {
@@ -97,7 +99,7 @@ pub fn command(b: &Boot) -> Command {
     if let Some(disk) = b.disk {
         // The firmware boots the disk, not a NIC's option ROM.
         let boot_first = match b.loader {
-            Loader::Uefi { .. } => ",bootindex=0",
+            Loader::Uefi { .. } | Loader::Bios => ",bootindex=0",
             Loader::Direct { .. } => "",
         };
         c.arg("-drive")
@@ -139,6 +141,7 @@ pub fn command(b: &Boot) -> Command {
                 ));
             }
         }
+        Loader::Bios => {}
     }
     c
 }
@@ -336,5 +339,33 @@ mod tests {
         for direct in ["-kernel", "-initrd", "-append"] {
             assert!(!args.iter().any(|a| a == direct), "{joined}");
         }
+    }
+
+    #[test]
+    fn a_bios_boot_starts_the_disk_with_qemus_own_firmware() {
+        let b = Boot {
+            loader: Loader::Bios,
+            disk: Some(Path::new("boot.qcow2")),
+            iommu: Iommu::Intel,
+            devices: &["e1000e,addr=05.0".to_string()],
+            extra: &[],
+            serial_log: Path::new("serial.log"),
+            timeout: Duration::from_secs(1),
+            memory_mib: 1024,
+        };
+        let args: Vec<String> = command(&b)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("virtio-blk-pci,drive=root,addr=10.0,bootindex=0"),
+            "the disk before the NIC's option ROM: {joined}"
+        );
+        assert!(joined.contains("file=boot.qcow2,format=qcow2"));
+        for absent in ["-kernel", "-initrd", "-append", "-bios"] {
+            assert!(!args.iter().any(|a| a == absent), "{joined}");
+        }
+        assert!(!joined.contains("pflash"));
     }
 }

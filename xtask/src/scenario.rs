@@ -90,12 +90,41 @@ pub enum Boot {
     /// from `/etc/kernel/cmdline`. The image also needs `systemd-ukify` and
     /// `/etc/kernel/install.conf` saying `layout=uki` (from `setup`).
     UefiUki,
+    /// SeaBIOS boots the disk: a GPT with a BIOS boot partition holding GRUB's core
+    /// image (`grub-install --target=i386-pc`) and the ext4 root, whose grub.cfg is
+    /// the one `update-grub` wrote. The image needs `grub-pc` (from `setup`).
+    BiosGrub,
+    /// OVMF (UEFI) boots the disk: a GPT with an ESP holding GRUB at the removable
+    /// path (`grub-install --target=x86_64-efi --removable --no-nvram`) and the ext4
+    /// root with grub.cfg. The image needs `grub-efi-amd64` (from `setup`).
+    UefiGrub,
 }
 
 impl Boot {
+    /// As scenario files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Boot::Direct => "direct",
+            Boot::UefiSystemdBoot => "uefi-systemd-boot",
+            Boot::UefiUki => "uefi-uki",
+            Boot::BiosGrub => "bios-grub",
+            Boot::UefiGrub => "uefi-grub",
+        }
+    }
+
     /// Firmware (OVMF) boots the disk's ESP with systemd-boot.
-    pub fn is_uefi(self) -> bool {
+    pub fn is_systemd_boot(self) -> bool {
         matches!(self, Boot::UefiSystemdBoot | Boot::UefiUki)
+    }
+
+    /// GRUB from the disk reads the image's grub.cfg.
+    pub fn is_grub(self) -> bool {
+        matches!(self, Boot::BiosGrub | Boot::UefiGrub)
+    }
+
+    /// The disk has an EFI system partition, mounted at `/boot/efi` in the guest.
+    pub fn has_esp(self) -> bool {
+        self.is_systemd_boot() || self == Boot::UefiGrub
     }
 }
 
@@ -120,7 +149,7 @@ pub struct Scenario {
     /// What the root filesystem sits on (`plain` or `lvm`).
     #[serde(default)]
     pub root: Root,
-    /// How the guest boots (`direct` or `uefi-systemd-boot`).
+    /// How the guest boots (`direct`, `uefi-systemd-boot`, `bios-grub`, `uefi-grub`).
     #[serde(default)]
     pub boot: Boot,
     /// The text of `/etc/vfio-early.toml`.
@@ -331,11 +360,12 @@ pub fn load(path: &Path) -> anyhow::Result<Scenario> {
     let mut s: Scenario =
         toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
     s.path = path.to_path_buf();
-    if s.boot.is_uefi() && s.root == Root::Lvm {
+    if s.boot != Boot::Direct && s.root == Root::Lvm {
         bail!(
-            "scenario {}: a UEFI boot takes a plain root only (its disk is a GPT with the \
-             ESP and an ext4 root partition)",
-            path.display()
+            "scenario {}: boot = \"{}\" takes a plain root only (its disk is a GPT with \
+             a boot partition and an ext4 root partition)",
+            path.display(),
+            s.boot.name()
         );
     }
     for d in &s.devices {

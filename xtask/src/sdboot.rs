@@ -54,10 +54,19 @@ ExecStart=udevadm trigger --subsystem-match=block --action=add --settle
 /// The script run before `setup`.
 pub fn before_setup() -> String {
     format!(
-        "mkdir -p /{ESP_DIR}\n\
-         echo {MACHINE_ID} > /etc/machine-id\n\
+        "{}echo {MACHINE_ID} > /etc/machine-id\n\
          mkdir -p /etc/kernel\n\
-         echo {MACHINE_ID} > /etc/kernel/entry-token\n\
+         echo {MACHINE_ID} > /etc/kernel/entry-token\n",
+        esp_mount()
+    )
+}
+
+/// What any image with an ESP gets (systemd-boot's, and GRUB's with `uefi-grub`): the
+/// mount point, the block coldplug unit, and an fstab naming the root and the ESP by
+/// UUID.
+pub fn esp_mount() -> String {
+    format!(
+        "mkdir -p /{ESP_DIR}\n\
          cat > /etc/systemd/system/{BLOCK_COLDPLUG_UNIT} <<'UNIT'\n{BLOCK_COLDPLUG}UNIT\n\
          printf '%s\\n' 'UUID={ROOT_UUID} / ext4 errors=remount-ro 0 0' \
          'UUID={esp} /{ESP_DIR} vfat umask=0077,x-systemd.requires={BLOCK_COLDPLUG_UNIT} 0 0' \
