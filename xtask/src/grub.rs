@@ -16,9 +16,13 @@
 //! `/dev/vda2` in a GPT. grub-install does not run it: it probes the attached disk
 //! through GRUB's own library.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
+use anyhow::{bail, Context};
+
+use crate::command;
 use crate::disk::ESP_DIR;
 use crate::image::{self, ROOT_UUID};
 use crate::loopdisk::Attached;
@@ -164,9 +168,100 @@ pub fn install_on_disk(disk: &Path, boot: Boot, log: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// The initramfs GRUB boots from `disk` (the prepared disk, or an overlay as a boot
+/// left it): the `initrd` of grub.cfg's default (first) entry, read off the disk's
+/// root partition with debugfs (no mount) into `into`. An overlay is flattened to a
+/// raw file first (removed after), since debugfs reads no qcow2.
+pub fn booted_initrd(disk: &Path, into: &Path, log: &Path) -> anyhow::Result<PathBuf> {
+    if disk.extension().is_some_and(|e| e == "qcow2") {
+        let raw = into.join("booted.raw");
+        let flattened = command::run(
+            Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(disk)
+                .arg(&raw),
+            log,
+            Duration::from_secs(300),
+        );
+        let result = flattened.and_then(|()| read_booted_initrd(&raw, disk, into, log));
+        let _ = std::fs::remove_file(&raw);
+        return result;
+    }
+    read_booted_initrd(disk, disk, into, log)
+}
+
+/// `booted_initrd` on a raw disk (`shown` is the disk the messages name).
+fn read_booted_initrd(
+    raw: &Path,
+    shown: &Path,
+    into: &Path,
+    log: &Path,
+) -> anyhow::Result<PathBuf> {
+    let limit = Duration::from_secs(300);
+    let disk = shown;
+    let out = command::timed(
+        Command::new("partx")
+            .args(["-g", "-n", "2", "-o", "START"])
+            .arg(raw),
+        limit,
+    )
+    .output()
+    .context("running partx")?;
+    let start: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("partx found no root partition (2) on {}", disk.display()))?;
+    let fs = format!("{}?offset={}", raw.display(), start * 512);
+    let dump = |from: &str, to: &Path| -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(to);
+        command::run(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump {from} {}", to.display()))
+                .arg(&fs),
+            log,
+            limit,
+        )?;
+        // debugfs exits 0 when the file is missing: the file tells.
+        if !to.is_file() {
+            bail!(
+                "{from} is not on {}'s root (see {})",
+                disk.display(),
+                log.display()
+            );
+        }
+        Ok(())
+    };
+    let cfg = into.join("booted-grub.cfg");
+    dump("/boot/grub/grub.cfg", &cfg)?;
+    let text = std::fs::read_to_string(&cfg)?;
+    let initrd = first_initrd(&text).context("the booted grub.cfg has no initrd line")?;
+    let file = into.join("booted-initrd.img");
+    dump(&initrd, &file)?;
+    Ok(file)
+}
+
+/// The file of grub.cfg's first `initrd` line (the default entry's, as `GRUB_DEFAULT=0`
+/// boots it).
+pub fn first_initrd(cfg: &str) -> Option<String> {
+    cfg.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("initrd")).then(|| words.next().map(str::to_string))?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_booted_initrd_is_the_first_entrys() {
+        let cfg = "menuentry 'Debian' {\n\tlinux\t/boot/vmlinuz-6.1 root=/dev/vda2\n\
+                   \tinitrd\t/boot/initrd.img-6.1\n}\nsubmenu 'Advanced' {\n\
+                   \tinitrd /boot/initrd.img-6.0\n}\n";
+        assert_eq!(first_initrd(cfg).as_deref(), Some("/boot/initrd.img-6.1"));
+        assert_eq!(first_initrd("initrdefi /x\n"), None);
+    }
 
     #[test]
     fn grub_talks_on_the_serial_port() {

@@ -467,7 +467,16 @@ fn boot_scenario(
     }
     if run.failures.is_empty() {
         run.failures.extend(expect::check_boot(s, &boot.report));
-        let list = initramfs_list(dir, layers.deb(), &s.expect, &prepared)?;
+        // GRUB booted what the prepared disk holds (the overlay may hold a stage's
+        // changes by now).
+        let list = initramfs_list(
+            dir,
+            layers.deb(),
+            &s.expect,
+            &prepared,
+            s.boot,
+            &prepared.disk,
+        )?;
         run.failures
             .extend(expect::check_initramfs(&s.expect, list.as_deref(), 1));
     }
@@ -534,6 +543,8 @@ fn stage_boot(
         return Ok(failures);
     }
     let next = next_boot(dir, prepared, n)?;
+    // What GRUB will boot is on the overlay now, before this boot's own actions.
+    let list = initramfs_list(dir, layers.deb(), &stage.expect, &next, s.boot, overlay)?;
     phase.waiting(&format!("boot {n}: QEMU until the probe powers off"));
     let boot = boot_nth(dir, s, &next, overlay, n, Some(phase))?;
     if let Some(line) = &boot.panic {
@@ -552,7 +563,6 @@ fn stage_boot(
             vec!["the probe's report is missing or cut off".to_string()]
         };
         failures.extend(found.into_iter().map(|f| format!("boot {n}: {f}")));
-        let list = initramfs_list(dir, layers.deb(), &stage.expect, &next)?;
         failures.extend(expect::check_initramfs(&stage.expect, list.as_deref(), n));
     }
     run.boots.push(BootResult {
@@ -613,20 +623,33 @@ fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepar
     })
 }
 
-/// `vfio-early initramfs list` of `initrd`, by the package's own binary (unpacked
-/// from the .deb once), when the expectations read it.
+/// `vfio-early initramfs list` of the booted initramfs (the file QEMU was handed, or
+/// for GRUB the one grub.cfg's default entry names on the disk as the boot left it),
+/// by the package's own binary (unpacked from the .deb once), when the expectations
+/// read it.
 fn initramfs_list(
     dir: &Path,
     deb: &Path,
     e: &scenario::Expect,
     booted: &Prepared,
+    boot: Boot,
+    disk: &Path,
 ) -> anyhow::Result<Option<String>> {
     if e.initramfs_has.is_empty() && e.initramfs_lacks.is_empty() {
         return Ok(None);
     }
-    let Kernel::Direct { initrd, .. } = &booted.kernel else {
-        bail!("initramfs_has and initramfs_lacks read the initramfs QEMU was handed: direct boots only");
+    let initrd = match (&booted.kernel, boot) {
+        (Kernel::Direct { initrd, .. }, _) => initrd.clone(),
+        (_, Boot::BiosGrub | Boot::UefiGrub) => {
+            grub::booted_initrd(disk, dir, &dir.join("prepare.log"))?
+        }
+        _ => bail!(
+            "initramfs_has and initramfs_lacks read the initramfs QEMU was handed, or the \
+             one grub.cfg's default entry names on the disk GRUB booted: direct and GRUB \
+             boots only"
+        ),
     };
+    let initrd = &initrd;
     let unpacked = dir.join("package");
     let binary = unpacked.join("usr/sbin/vfio-early");
     let log = dir.join("prepare.log");
