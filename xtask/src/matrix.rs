@@ -323,6 +323,11 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         format!("{:?}", s.stages),
         flags.join(","),
     ];
+    // The scripts the probe runs, as the harness writes them into the image (only
+    // where there are stages, so the other scenarios' disks stay cached).
+    if !s.stages.is_empty() {
+        parts.push(s.stages.iter().map(scenario::Stage::script).collect());
+    }
     // A direct boot's key stays what it was before boot modes, so its disk stays cached.
     if s.boot.is_systemd_boot() {
         parts.push(format!(
