@@ -194,8 +194,32 @@ impl Drop for Attached {
 fn is_mount_point(path: &Path) -> anyhow::Result<bool> {
     let table =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let path = path.to_string_lossy();
-    Ok(table
+    Ok(mounted_at(&table, &path.to_string_lossy()))
+}
+
+/// Whether a line of `mountinfo` text mounts something at `path` (its fifth field).
+fn mounted_at(mountinfo: &str, path: &str) -> bool {
+    mountinfo
         .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some(path.as_ref())))
+        .any(|l| l.split_whitespace().nth(4) == Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mount_point_is_the_fifth_field_of_mountinfo() {
+        let table = "24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw\n\
+                     45 27 0:40 / /t/disk.mnt/boot/efi rw,nosuid - fuse /dev/loop0p1 rw\n";
+        assert!(mounted_at(table, "/t/disk.mnt/boot/efi"));
+        assert!(
+            !mounted_at(table, "/t/disk.mnt"),
+            "a parent of a mount point is none"
+        );
+        assert!(
+            !mounted_at(table, "/dev/loop0p1"),
+            "the source is not the mount point"
+        );
+    }
 }
