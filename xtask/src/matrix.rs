@@ -802,9 +802,13 @@ fn boot_nth(
             append,
         },
         Kernel::Uefi => {
-            // Each boot starts from the firmware's pristine variables.
-            std::fs::copy(qemu::OVMF_VARS, &vars)
-                .with_context(|| format!("copying {}", qemu::OVMF_VARS))?;
+            // The first boot starts from the firmware's pristine variables; later boots
+            // of the scenario keep what the earlier ones wrote (`bootctl set-oneshot`'s
+            // LoaderEntryOneShot, systemd-boot's own), as a machine's NVRAM does.
+            if n == 1 || !vars.exists() {
+                std::fs::copy(qemu::OVMF_VARS, &vars)
+                    .with_context(|| format!("copying {}", qemu::OVMF_VARS))?;
+            }
             qemu::Loader::Uefi {
                 code: Path::new(qemu::OVMF_CODE),
                 vars: &vars,
