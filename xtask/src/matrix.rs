@@ -313,6 +313,11 @@ fn prepared_key(layer: &Path, s: &Scenario, flags: &[&str]) -> String {
         format!("{:?}", s.stages),
         flags.join(","),
     ];
+    // The stage scripts as the probe runs them (the harness's own lines too); only
+    // where there are stages, so the other scenarios keep their prepared disks.
+    if !s.stages.is_empty() {
+        parts.push(s.stages.iter().map(scenario::Stage::script).collect());
+    }
     // A direct boot's key stays what it was before boot modes, so its disk stays cached.
     if s.boot == Boot::UefiSystemdBoot {
         parts.push(format!(

@@ -162,11 +162,12 @@ impl Stage {
     pub fn script(&self) -> String {
         // Initramfs builds in the guest take only the modules this machine needs
         // (MODULES=dep, a setting hosts use too): under TCG the default `most` takes
-        // minutes an image.
+        // minutes an image. initramfs-tools copies conf.d into the image, so the file's
+        // name must not contain what `initramfs_lacks` looks for (`vfio-early`).
         let mut out = String::from(
             "# written by the boot harness: one stage's actions\n\
              mkdir -p /etc/initramfs-tools/conf.d\n\
-             echo MODULES=dep > /etc/initramfs-tools/conf.d/zz-vfio-early-test\n",
+             echo MODULES=dep > /etc/initramfs-tools/conf.d/zz-boot-test-modules-dep\n",
         );
         let mut n = 0;
         let mut action = |what: &str, body: &str| {
