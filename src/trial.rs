@@ -816,13 +816,21 @@ const PROVING_CHECKS: &[&str] = &[
     "framebuffer",
 ];
 
-/// The report with only the [`PROVING_CHECKS`], its verdict theirs.
+/// The report with only the [`PROVING_CHECKS`], judged as a trial is ([`judge`]): a
+/// configured device that is absent, which `status` only warns of, fails a trial, so
+/// the table the verification prints ends in the same verdict as the trial.
 pub fn proving(report: &Report) -> Report {
     let checks: Vec<_> = report
         .checks
         .iter()
         .filter(|c| PROVING_CHECKS.contains(&c.id))
         .cloned()
+        .map(|mut c| {
+            if c.id == "device" && c.verdict == Verdict::Warn {
+                c.verdict = Verdict::Fail;
+            }
+            c
+        })
         .collect();
     Report {
         schema: report.schema,
@@ -1747,6 +1755,36 @@ mod tests {
         );
         let warn = report(vec![check("interrupt-remapping", Verdict::Warn)]);
         assert!(judge(&warn).is_ok());
+    }
+
+    #[test]
+    fn the_verification_table_ends_in_the_trials_verdict() {
+        // Found in a boot (scenario 31): the trial boot printed status's "passes, with
+        // warnings" for a missing device, then failed the trial for it.
+        let r = report(vec![
+            check("iommu", Verdict::Pass),
+            check("device", Verdict::Pass),
+            check("device", Verdict::Warn),
+            check("reset-method", Verdict::Warn),
+        ]);
+        let p = proving(&r);
+        let verdicts: Vec<_> = p.checks.iter().map(|c| (c.id, c.verdict)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("iommu", Verdict::Pass),
+                ("device", Verdict::Pass),
+                ("device", Verdict::Fail)
+            ]
+        );
+        assert_eq!(p.verdict, Verdict::Fail);
+        let table = status::render_table(&p);
+        assert!(table.contains("FAIL  device "), "{table}");
+        assert!(table.ends_with("FAILED: see the fixes above\n"), "{table}");
+        assert_eq!(judge(&p), Err("device: device says so".into()));
+        let warn_only = proving(&report(vec![check("interrupt-remapping", Verdict::Warn)]));
+        assert_eq!(warn_only.verdict, Verdict::Warn);
+        assert!(judge(&warn_only).is_ok());
     }
 
     #[test]

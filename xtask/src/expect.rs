@@ -159,18 +159,29 @@ fn check_paths(e: &scenario::Expect, r: &Report) -> Vec<String> {
 }
 
 /// A stage's actions, run by the probe at the end of boot `n`: each `action` section
-/// must exit 0 (apply: the stage's `apply_exit`, with its `apply_output`), and the
-/// next boot's files must have reached the transfer disk.
-pub fn check_actions(e: &scenario::Expect, r: &Report, n: usize) -> Vec<String> {
+/// must exit 0 (apply: the stage's `apply_exit`, with its `apply_output`), there must
+/// be some if the stage has actions (`has_actions`) and none if not, and the next
+/// boot's files must have reached the transfer disk.
+pub fn check_actions(e: &scenario::Expect, has_actions: bool, r: &Report, n: usize) -> Vec<String> {
     let mut f = Vec::new();
     let actions: Vec<&String> = r
         .sections
         .keys()
         .filter(|k| k.starts_with("action "))
         .collect();
-    if actions.is_empty() {
+    if actions.is_empty() && has_actions {
         f.push(format!(
             "boot {n}: the probe ran no stage action (see its serial log)"
+        ));
+    }
+    if !actions.is_empty() && !has_actions {
+        f.push(format!(
+            "boot {n}: the probe ran actions of a stage that has none: {}",
+            actions
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     for name in actions {
@@ -190,6 +201,38 @@ pub fn check_actions(e: &scenario::Expect, r: &Report, n: usize) -> Vec<String> 
         f.push(format!(
             "boot {n}: the next boot's files did not reach the transfer disk: {}",
             last_lines(&text, 4)
+        ));
+    }
+    f
+}
+
+/// `console` against the boot's serial console, line by line.
+pub fn check_console(e: &scenario::Expect, console: &[String]) -> Vec<String> {
+    e.console
+        .iter()
+        .filter(|want| !console.iter().any(|l| l.contains(want.as_str())))
+        .map(|want| format!("the console never said `{want}`"))
+        .collect()
+}
+
+/// A boot expected never to reach the probe (`reaches_probe = false`): it must have
+/// ended by itself (a panic, a reboot) before the probe's report, not by the timeout.
+pub fn check_unreached(
+    r: &Report,
+    timed_out: Option<std::time::Duration>,
+    n: usize,
+) -> Vec<String> {
+    let mut f = Vec::new();
+    if !r.sections.is_empty() {
+        f.push(format!(
+            "boot {n}: the probe reported (sections: {}), expected the boot never to reach it",
+            r.sections.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Some(t) = timed_out {
+        f.push(format!(
+            "boot {n}: the guest neither panicked nor rebooted within {} s (a hang)",
+            t.as_secs()
         ));
     }
     f
@@ -384,5 +427,72 @@ mod tests {
             (Some(Firmware::Bios), LoaderSeen::Direct, None)
         );
         assert_eq!(booted_by(&parse_report(""), &[]).0, None);
+    }
+
+    #[test]
+    fn a_boot_meant_never_to_reach_the_probe_fails_when_it_does_or_hangs() {
+        let none = parse_report("[ 5.0] Rebooting automatically due to panic= boot argument\n");
+        assert!(check_unreached(&none, None, 2).is_empty());
+        let reached = parse_report("@@ == cmdline\n@@ root=/dev/vda\n@@ == end\n");
+        let f = check_unreached(&reached, None, 2);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].contains("boot 2: the probe reported (sections: cmdline, end)"),
+            "{f:?}"
+        );
+        // Even a report cut off by the boot's end is a boot that reached it.
+        assert_eq!(
+            check_unreached(&parse_report("@@ == cmdline\n"), None, 3).len(),
+            1
+        );
+        let hung = check_unreached(&none, Some(std::time::Duration::from_secs(300)), 2);
+        assert_eq!(
+            hung,
+            ["boot 2: the guest neither panicked nor rebooted within 300 s (a hang)"]
+        );
+    }
+
+    #[test]
+    fn console_lines_are_searched_whole_log() {
+        let e = scenario::Expect {
+            console: vec!["ALERT!".into(), "panic= boot argument".into()],
+            ..Default::default()
+        };
+        let log = vec![
+            "Gave up waiting for root file system device.".to_string(),
+            "ALERT!  /dev/nonexistent does not exist.  Dropping to a shell!".to_string(),
+        ];
+        assert_eq!(
+            check_console(&e, &log),
+            ["the console never said `panic= boot argument`"]
+        );
+        let mut all = log.clone();
+        all.push("Rebooting automatically due to panic= boot argument".into());
+        assert!(check_console(&e, &all).is_empty());
+    }
+
+    #[test]
+    fn a_stage_without_actions_must_run_none_and_one_with_actions_some() {
+        let e = scenario::Expect::default();
+        let none = parse_report("@@ == next-boot\n@@ exit=0\n@@ == end\n");
+        assert!(check_actions(&e, false, &none, 2).is_empty());
+        assert_eq!(
+            check_actions(&e, true, &none, 2),
+            ["boot 2: the probe ran no stage action (see its serial log)"]
+        );
+        let ran = parse_report(
+            "@@ == action 1 run\n@@ ok\n@@ exit=0\n@@ == next-boot\n@@ exit=0\n@@ == end\n",
+        );
+        assert!(check_actions(&e, true, &ran, 1).is_empty());
+        assert_eq!(
+            check_actions(&e, false, &ran, 1),
+            ["boot 1: the probe ran actions of a stage that has none: action 1 run"]
+        );
+        let failed =
+            parse_report("@@ == action 1 run\n@@ no\n@@ exit=1\n@@ == next-boot\n@@ exit=0\n");
+        assert_eq!(
+            check_actions(&e, true, &failed, 1),
+            ["boot 1: run exited Some(1): no"]
+        );
     }
 }

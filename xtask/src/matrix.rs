@@ -472,6 +472,8 @@ fn boot_scenario(
     }
     if run.failures.is_empty() {
         run.failures.extend(expect::check_boot(s, &boot.report));
+        run.failures
+            .extend(expect::check_console(&s.expect, &boot.console));
         // GRUB booted what the prepared disk holds (the overlay may hold a stage's
         // changes by now).
         let list = initramfs_list(
@@ -543,7 +545,14 @@ fn stage_boot(
     run: &mut Run,
 ) -> anyhow::Result<Vec<String>> {
     let before = &run.boots.last().context("no boot before a stage")?.report;
-    let mut failures = expect::check_actions(&stage.expect, before, n - 1);
+    // The stage's actions ran at the end of the boot before, by its probe; a boot
+    // that never reached the probe ran none (`scenario::load` sees the stage has none).
+    let before_reached = n < 3 || s.stages[n - 3].expect.reaches_probe();
+    let mut failures = if before_reached {
+        expect::check_actions(&stage.expect, stage.has_actions(), before, n - 1)
+    } else {
+        Vec::new()
+    };
     if !failures.is_empty() {
         return Ok(failures);
     }
@@ -552,6 +561,19 @@ fn stage_boot(
     let list = initramfs_list(dir, layers.deb(), &stage.expect, &next, s.boot, overlay)?;
     phase.waiting(&format!("boot {n}: QEMU until the probe powers off"));
     let boot = boot_nth(dir, s, &next, overlay, n, Some(phase))?;
+    failures.extend(
+        expect::check_console(&stage.expect, &boot.console)
+            .into_iter()
+            .map(|f| format!("boot {n}: {f}")),
+    );
+    if !stage.expect.reaches_probe() {
+        failures.extend(expect::check_unreached(&boot.report, boot.timed_out, n));
+        run.boots.push(BootResult {
+            report: boot.report,
+            times: boot.times,
+        });
+        return Ok(failures);
+    }
     if let Some(line) = &boot.panic {
         failures.push(format!("boot {n}: the guest kernel panicked: {line}"));
     }
@@ -733,7 +755,9 @@ fn prepare(
     }
     let mut paths: Vec<&String> = s.expect.paths().collect();
     for (i, stage) in s.stages.iter().enumerate() {
-        std::fs::write(flag_dir.join(format!("stage-{}.sh", i + 1)), stage.script())?;
+        // Named by the probe's own count of the boot that runs it.
+        let run = scenario::probe_run(s, i + 1);
+        std::fs::write(flag_dir.join(format!("stage-{run}.sh")), stage.script())?;
         paths.extend(stage.expect.paths());
     }
     paths.sort();
@@ -809,6 +833,8 @@ fn with_root(append: &str, device: &str) -> String {
 /// One boot's outcome.
 pub struct Booted {
     pub report: Report,
+    /// The serial console's lines.
+    pub console: Vec<String>,
     /// The kernel's panic line, if it panicked.
     pub panic: Option<String>,
     pub times: Times,
@@ -870,9 +896,13 @@ fn boot_nth(
             append,
         },
         Kernel::Uefi => {
-            // Each boot starts from the firmware's pristine variables.
-            std::fs::copy(qemu::OVMF_VARS, &vars)
-                .with_context(|| format!("copying {}", qemu::OVMF_VARS))?;
+            // The first boot starts from the firmware's pristine variables; later boots
+            // of the scenario keep what the earlier ones wrote (`bootctl set-oneshot`'s
+            // LoaderEntryOneShot, systemd-boot's own), as a machine's NVRAM does.
+            if n == 1 || !vars.exists() {
+                std::fs::copy(qemu::OVMF_VARS, &vars)
+                    .with_context(|| format!("copying {}", qemu::OVMF_VARS))?;
+            }
             qemu::Loader::Uefi {
                 code: Path::new(qemu::OVMF_CODE),
                 vars: &vars,
@@ -903,6 +933,7 @@ fn boot_nth(
     let times = phases::guest(report.section("kmsg"), &outcome.serial, outcome.elapsed);
     Ok(Booted {
         report,
+        console: outcome.serial.into_iter().map(|(_, l)| l).collect(),
         panic: outcome.panic,
         times,
         timed_out: outcome.timed_out.then_some(timeout),

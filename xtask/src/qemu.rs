@@ -17,7 +17,8 @@ use crate::scenario::Iommu;
 /// Slot of the root disk (virtio-blk); scenarios keep clear of it.
 pub const ROOT_DISK_ADDR: &str = "10.0";
 
-/// OVMF's code (read-only) and the variable store each boot gets a copy of.
+/// OVMF's code (read-only) and the variable store each scenario gets a copy of (kept
+/// across its boots, as NVRAM).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
@@ -30,7 +31,7 @@ pub enum Loader<'a> {
         append: &'a str,
     },
     /// UEFI firmware (OVMF as pflash) boots the root disk, whatever its ESP holds;
-    /// `vars` is this boot's own copy of the variable store.
+    /// `vars` is the scenario's copy of the variable store (written by the guest).
     Uefi { code: &'a Path, vars: &'a Path },
     /// QEMU's own BIOS (SeaBIOS) boots the root disk, whatever its MBR starts.
     Bios,

@@ -190,12 +190,24 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// Whether the stage has an action; one without is only the next boot's
+    /// expectations (a boot that goes on as the previous one left it).
+    pub fn has_actions(&self) -> bool {
+        self.config.is_some()
+            || self.apply
+            || self.undo
+            || !self.apt.is_empty()
+            || self.run.is_some()
+    }
+
     /// The stage's actions as a shell script for the probe: one report section per
     /// action, `== action N WHAT`, its output, then `exit=STATUS`.
     pub fn script(&self) -> String {
         // Initramfs builds in the guest take only the modules this machine needs and
         // compress fast (MODULES=dep, COMPRESSLEVEL=1: settings hosts use too): under
-        // TCG the defaults (`most`, zstd -9) take minutes an image.
+        // TCG the defaults (`most`, zstd -9) take minutes an image. initramfs-tools
+        // copies conf.d into the image, so the file's name must not contain what
+        // `initramfs_lacks` looks for (`vfio-early`).
         let mut out = String::from(
             "# written by the boot harness: one stage's actions\n\
              mkdir -p /etc/initramfs-tools/conf.d\n\
@@ -235,7 +247,7 @@ impl Stage {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// Exit status of `vfio-early apply` (in the image or the guest).
@@ -297,9 +309,23 @@ pub struct Expect {
     /// What started the kernel: `systemd-boot`, `grub` or `direct` (QEMU itself).
     #[serde(default)]
     pub loader: Option<LoaderSeen>,
+    /// Substrings of the boot's serial console (the kernel's and the initramfs's lines
+    /// too, not only the probe's report).
+    #[serde(default)]
+    pub console: Vec<String>,
+    /// `false` (stages only): the boot must end before the probe reports (a kernel
+    /// panic, or a reboot, which ends QEMU: it runs with `-no-reboot`), and not by the
+    /// timeout; a boot that reaches the probe fails. Only `console` is checked then.
+    #[serde(default)]
+    pub reaches_probe: Option<bool>,
 }
 
 impl Expect {
+    /// Whether the boot these expectations are for must reach the probe.
+    pub fn reaches_probe(&self) -> bool {
+        self.reaches_probe != Some(false)
+    }
+
     /// Every path the probe must report on (present or absent).
     pub fn paths(&self) -> impl Iterator<Item = &String> {
         self.paths_present.iter().chain(&self.paths_absent)
@@ -368,6 +394,7 @@ pub fn load(path: &Path) -> anyhow::Result<Scenario> {
             s.boot.name()
         );
     }
+    check_stages(&s).with_context(|| format!("scenario {}", path.display()))?;
     for d in &s.devices {
         if !d.contains("addr=") {
             bail!(
@@ -377,6 +404,59 @@ pub fn load(path: &Path) -> anyhow::Result<Scenario> {
         }
     }
     Ok(s)
+}
+
+/// A boot that never reaches the probe can be checked only on its console, and runs no
+/// stage's actions (the probe runs them).
+fn check_stages(s: &Scenario) -> anyhow::Result<()> {
+    if !s.expect.reaches_probe() {
+        bail!("reaches_probe = false is for a stage's boot: the first boot runs the probe");
+    }
+    for (i, st) in s.stages.iter().enumerate() {
+        let e = &st.expect;
+        if e.reaches_probe() {
+            continue;
+        }
+        if !checks_only_console(e) {
+            bail!(
+                "stage {}: with reaches_probe = false only `console` can be checked (there \
+                 is no report)",
+                i + 1
+            );
+        }
+        if s.stages.get(i + 1).is_some_and(Stage::has_actions) {
+            bail!(
+                "stage {}: its actions would run at the end of boot {}, which never reaches \
+                 the probe (stage {}'s reaches_probe = false)",
+                i + 2,
+                i + 2,
+                i + 1
+            );
+        }
+    }
+    Ok(())
+}
+
+fn checks_only_console(e: &Expect) -> bool {
+    let rest = Expect {
+        console: Vec::new(),
+        reaches_probe: None,
+        ..e.clone()
+    };
+    rest == Expect::default()
+}
+
+/// The probe's own count of boot `n` (1: the first): the boots before it that never
+/// reached the probe did not count themselves.
+pub fn probe_run(s: &Scenario, n: usize) -> usize {
+    let skipped = (2..n)
+        .filter(|b| {
+            s.stages
+                .get(b - 2)
+                .is_some_and(|st| !st.expect.reaches_probe())
+        })
+        .count();
+    n - skipped
 }
 
 /// Every scenario file in `dir`, sorted by name.
@@ -448,6 +528,55 @@ mod tests {
         assert_eq!(script.matches("echo \"exit=$?\"").count(), 5, "{script}");
         assert!(script.contains("apt-get -y -q --no-download purge vfio-early"));
         assert!(script.contains("MODULES=dep"));
+    }
+
+    fn staged(stages: &str) -> Scenario {
+        toml::from_str(&format!(
+            "description = \"x\"\ndistro = \"trixie\"\ngenerator = \"initramfs-tools\"\n\
+             iommu = \"intel\"\nconfig = \"\"\n[expect]\n{stages}"
+        ))
+        .expect("scenario")
+    }
+
+    #[test]
+    fn a_boot_that_never_reaches_the_probe_checks_its_console_only_and_runs_nothing() {
+        let ok = staged(
+            "[[stage]]\nrun = \"vfio-early apply --trial\"\n[stage.expect]\n\
+             reaches_probe = false\nconsole = [\"ALERT!\"]\n\
+             [[stage]]\n[stage.expect]\ncmdline_absent = [\"vfio_early.trial\"]\n",
+        );
+        check_stages(&ok).expect("valid");
+        assert!(!ok.stages[1].has_actions());
+        let checks_report = staged(
+            "[[stage]]\nrun = \"true\"\n[stage.expect]\nreaches_probe = false\n\
+             drivers = { \"0000:00:05.0\" = \"e1000e\" }\n",
+        );
+        let err = check_stages(&checks_report).expect_err("a report check accepted");
+        assert!(err.to_string().contains("only `console`"), "{err}");
+        let acts_after = staged(
+            "[[stage]]\nrun = \"true\"\n[stage.expect]\nreaches_probe = false\n\
+             [[stage]]\nundo = true\n[stage.expect]\n",
+        );
+        let err = check_stages(&acts_after).expect_err("actions in an unreached boot");
+        assert!(
+            err.to_string().contains("boot 2, which never reaches"),
+            "{err}"
+        );
+        let first = staged("reaches_probe = false\n");
+        assert!(check_stages(&first).is_err());
+    }
+
+    #[test]
+    fn the_probe_counts_only_the_boots_that_reached_it() {
+        let s = staged(
+            "[[stage]]\nrun = \"true\"\n[stage.expect]\nreaches_probe = false\n\
+             [[stage]]\n[stage.expect]\n[[stage]]\nundo = true\n[stage.expect]\n",
+        );
+        // Boot 2 panics: boot 3 is the probe's second run, boot 4 its third.
+        let runs: Vec<usize> = (1..=4).map(|n| probe_run(&s, n)).collect();
+        assert_eq!(runs, [1, 2, 2, 3]);
+        let plain = staged("[[stage]]\nundo = true\n[stage.expect]\n");
+        assert_eq!(probe_run(&plain, 2), 2);
     }
 
     fn tempfile_dir() -> PathBuf {
