@@ -250,6 +250,16 @@ pub fn ensure_base(
         return Ok(dir);
     }
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    // One builder per image: another xtask (deb-test beside boot-test, or a second
+    // terminal) waits here for the first, then finds the image made.
+    let lock_path = cache.join(format!("{key}.lock"));
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    if dir.join(".complete").exists() {
+        return Ok(dir);
+    }
     let partial = cache.join(format!("{key}.partial"));
     remove_tree(&partial)?;
     let log = cache.join(format!("{key}.log"));
