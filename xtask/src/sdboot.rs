@@ -107,23 +107,8 @@ pub fn install_loader(tree: &Path, log: &Path) -> anyhow::Result<()> {
 /// kernel-install wrote on the ESP (`options` lines joined, as systemd-boot does).
 pub fn entry_options(tree: &Path) -> anyhow::Result<String> {
     let dir = tree.join(ESP_DIR).join("loader/entries");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".conf"))
-        .collect();
-    names.sort();
-    let [name] = names.as_slice() else {
-        anyhow::bail!(
-            "{} holds {} loader entries ({}), expected the one kernel-install writes when \
-             apply rebuilds the initramfs (see apply.log)",
-            dir.display(),
-            names.len(),
-            names.join(", ")
-        );
-    };
-    let text = std::fs::read_to_string(dir.join(name))?;
+    let name = the_one(&dir, ".conf", "loader entries", "")?;
+    let text = std::fs::read_to_string(dir.join(&name))?;
     let esp = tree.join(ESP_DIR);
     for file in files_of(&text) {
         if !esp.join(file.trim_start_matches('/')).is_file() {
@@ -133,30 +118,15 @@ pub fn entry_options(tree: &Path) -> anyhow::Result<String> {
             );
         }
     }
-    Ok(options_of(&text))
+    Ok(vfio_early::nextboot::entry_options(&text))
 }
 
 /// The command line embedded in the unified kernel image systemd-boot will start: the
 /// one UKI kernel-install put under `EFI/Linux` on the ESP (`layout=uki`).
 pub fn uki_cmdline(tree: &Path) -> anyhow::Result<String> {
     let dir = tree.join(ESP_DIR).join("EFI/Linux");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".efi"))
-        .collect();
-    names.sort();
-    let [name] = names.as_slice() else {
-        anyhow::bail!(
-            "{} holds {} unified kernel images ({}), expected the one kernel-install \
-             (layout=uki) writes when apply rebuilds the initramfs (see apply.log)",
-            dir.display(),
-            names.len(),
-            names.join(", ")
-        );
-    };
-    let mut f = std::fs::File::open(dir.join(name))?;
+    let name = the_one(&dir, ".efi", "unified kernel images", " (layout=uki)")?;
+    let mut f = std::fs::File::open(dir.join(&name))?;
     let cmdline = vfio_early::nextboot::pe_section(&mut f, b".cmdline")?
         .with_context(|| format!("{name} has no .cmdline section"))?;
     Ok(String::from_utf8_lossy(&cmdline)
@@ -178,15 +148,26 @@ pub fn files_of(entry: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The `options` of a Boot Loader Specification entry, several lines joined by a space.
-pub fn options_of(entry: &str) -> String {
-    entry
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("options"))
-        .filter(|rest| rest.starts_with([' ', '\t']))
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The one file of `dir` ending in `ext` that kernel-install wrote (`what` names them,
+/// `how` its layout); an error names what is there instead.
+fn the_one(dir: &Path, ext: &str, what: &str, how: &str) -> anyhow::Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(ext))
+        .collect();
+    names.sort();
+    match <[String; 1]>::try_from(names) {
+        Ok([name]) => Ok(name),
+        Err(names) => anyhow::bail!(
+            "{} holds {} {what} ({}), expected the one kernel-install{how} writes when \
+             apply rebuilds the initramfs (see apply.log)",
+            dir.display(),
+            names.len(),
+            names.join(", ")
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +186,10 @@ mod tests {
     fn options_lines_are_joined() {
         let entry = "title Debian\nversion 6.12\noptions root=UUID=x ro\n\
                      linux /id/6.12/linux\noptions  intel_iommu=on iommu=pt\noptionsfoo bar\n";
-        assert_eq!(options_of(entry), "root=UUID=x ro intel_iommu=on iommu=pt");
+        assert_eq!(
+            vfio_early::nextboot::entry_options(entry),
+            "root=UUID=x ro intel_iommu=on iommu=pt"
+        );
         assert_eq!(files_of(entry), ["/id/6.12/linux"]);
         assert_eq!(
             files_of("linux /a/linux\ninitrd /a/initrd.img\ninitrdx /b\n"),
