@@ -244,9 +244,14 @@ fn read_booted_initrd(
 /// The file of grub.cfg's first `initrd` line (the default entry's, as `GRUB_DEFAULT=0`
 /// boots it).
 pub fn first_initrd(cfg: &str) -> Option<String> {
+    first_file(cfg, "initrd")
+}
+
+/// The file of grub.cfg's first line whose command is `command` (`linux`, `initrd`).
+pub fn first_file(cfg: &str, command: &str) -> Option<String> {
     cfg.lines().find_map(|l| {
         let mut words = l.split_whitespace();
-        (words.next() == Some("initrd")).then(|| words.next().map(str::to_string))?
+        (words.next() == Some(command)).then(|| words.next().map(str::to_string))?
     })
 }
 

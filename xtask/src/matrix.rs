@@ -632,12 +632,8 @@ fn next_boot(dir: &Path, prepared: &Prepared, n: usize) -> anyhow::Result<Prepar
     let append =
         image::linux_args_from_grub_cfg(&cfg).context("the guest's grub.cfg has no linux line")?;
     let path_of = |word: &str| -> anyhow::Result<PathBuf> {
-        let line = cfg
-            .lines()
-            .map(str::trim)
-            .find(|l| l.split_whitespace().next() == Some(word))
+        let file = crate::grub::first_file(&cfg, word)
             .with_context(|| format!("the guest's grub.cfg has no {word} line"))?;
-        let file = line.split_whitespace().nth(1).unwrap_or("");
         Ok(into.join(file.trim_start_matches('/')))
     };
     Ok(Prepared {
