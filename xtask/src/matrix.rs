@@ -161,10 +161,10 @@ pub fn run_scenarios(
     let wanted: Vec<_> = scenarios.iter().map(|s| (s.distro, s.generator)).collect();
     let layers = Layers::new(project, &deb, &wanted);
 
-    // The longest first, so that the workers end together: a scenario with more boots
-    // (stages) before one with fewer; otherwise file order.
+    // The longest first, so that the workers end together (`Scenario::cost`: boots
+    // and in-guest rebuilds); otherwise file order.
     let mut ordered = scenarios.to_vec();
-    ordered.sort_by_key(|s| std::cmp::Reverse(s.stages.len()));
+    ordered.sort_by_key(|s| std::cmp::Reverse(s.cost()));
     let queue = Arc::new(Mutex::new(ordered));
     let results = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|scope| {

@@ -372,6 +372,17 @@ impl LoaderSeen {
 }
 
 impl Scenario {
+    /// A rough cost, for running the longest scenarios first: a boot is one unit, and a
+    /// stage with actions three more (under TCG an in-guest apply, undo, apt run or
+    /// trial rebuilds an initramfs: about 100 s, three boots' worth).
+    pub fn cost(&self) -> usize {
+        1 + self
+            .stages
+            .iter()
+            .map(|st| if st.has_actions() { 4 } else { 1 })
+            .sum::<usize>()
+    }
+
     pub fn name(&self) -> String {
         self.path
             .file_stem()
@@ -577,6 +588,15 @@ mod tests {
         assert_eq!(runs, [1, 2, 2, 3]);
         let plain = staged("[[stage]]\nundo = true\n[stage.expect]\n");
         assert_eq!(probe_run(&plain, 2), 2);
+    }
+
+    #[test]
+    fn a_stage_with_actions_costs_more_than_a_boot() {
+        let boots = staged("[[stage]]\n[stage.expect]\n[[stage]]\n[stage.expect]\n");
+        let rebuild = staged("[[stage]]\nundo = true\n[stage.expect]\n");
+        assert_eq!(boots.cost(), 3);
+        assert_eq!(rebuild.cost(), 5);
+        assert!(rebuild.cost() > boots.cost());
     }
 
     fn tempfile_dir() -> PathBuf {
