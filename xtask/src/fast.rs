@@ -291,6 +291,7 @@ fn boot_one(
     let mut append = vec![
         "console=ttyS0".to_string(),
         "no_timer_check".to_string(),
+        "mitigations=off".to_string(),
         "quiet".to_string(),
     ];
     append.extend(s.expect.cmdline.iter().cloned());
