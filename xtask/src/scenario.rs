@@ -374,7 +374,7 @@ impl LoaderSeen {
 impl Scenario {
     /// A rough cost, for running the longest scenarios first: a boot is one unit, and a
     /// stage with actions three more (under TCG an in-guest apply, undo, apt run or
-    /// trial rebuilds an initramfs: about 100 s, three boots' worth).
+    /// trial rebuilds an initramfs: about 70 s, three boots' worth).
     pub fn cost(&self) -> usize {
         1 + self
             .stages
