@@ -201,14 +201,20 @@ impl Runtime {
     }
 }
 
-fn read_image(root: &Root, kver: &str, want_modprobe: bool) -> Image {
-    let path = [
+/// Where the initramfs of `kver` is in `/boot` (Debian's `initrd.img-V`, or dracut's
+/// own `initramfs-V.img`), if it is there.
+pub fn image_path(root: &Root, kver: &str) -> Option<PathBuf> {
+    [
         format!("initrd.img-{kver}"),
         format!("initramfs-{kver}.img"),
     ]
     .iter()
     .map(|n| Path::new(paths::BOOT).join(n))
-    .find(|p| root.exists(p));
+    .find(|p| root.exists(p))
+}
+
+fn read_image(root: &Root, kver: &str, want_modprobe: bool) -> Image {
+    let path = image_path(root, kver);
     let verification = match &path {
         Some(p) => root
             .open(p)

@@ -535,6 +535,8 @@ pub struct Preparation {
     pub commands: Vec<Vec<String>>,
     /// Chooses the trial entry for the next boot only; run last.
     pub arm: Vec<String>,
+    /// Whether the initramfs is rebuilt, and why (see [`images_hold_the_trial`]).
+    pub initramfs: String,
 }
 
 /// What `apply --trial` would write and run (pure), or why it refuses.
@@ -593,6 +595,7 @@ pub fn compute_prepare(
         writes,
         commands,
         arm,
+        initramfs: "rebuilt".into(),
     })
 }
 
@@ -974,7 +977,7 @@ pub fn prepare(ctx: &Context, opts: &Options, w: &mut dyn Writer) -> anyhow::Res
         return Ok(Outcome::Failed);
     }
     let facts = Facts::read(&ctx.root);
-    let p = match compute_prepare(ctx, &facts, opts, now()) {
+    let mut p = match compute_prepare(ctx, &facts, opts, now()) {
         Ok(p) => p,
         Err(r) => {
             match r.outcome {
@@ -984,6 +987,18 @@ pub fn prepare(ctx: &Context, opts: &Options, w: &mut dyn Writer) -> anyhow::Res
             return Ok(r.outcome);
         }
     };
+    let text = ctx.config_text.clone().unwrap_or_default();
+    let default = entries::default_entry(&facts.entries)
+        .filter(|_| p.ready.bootloader == Method::SystemdBoot);
+    match images_hold_the_trial(ctx, default, &text, opts.force) {
+        Ok(n) => {
+            let rebuild = apply::initramfs_command(ctx.host.generator);
+            p.commands.retain(|c| *c != rebuild);
+            p.initramfs =
+                format!("kept: its {n} image(s) already hold this trial's files, byte for byte");
+        }
+        Err(why) => p.initramfs = format!("rebuilt ({why})"),
+    }
     crate::out!("{}", render_preparation(&p, opts.dry_run))?;
     if opts.dry_run {
         return Ok(Outcome::Ok);
@@ -1058,6 +1073,7 @@ fn render_preparation(p: &Preparation, dry_run: bool) -> String {
         "the trial entry adds: {}",
         p.ready.entry_args.join(" ")
     );
+    let _ = writeln!(out, "initramfs: {}", p.initramfs);
     if dry_run {
         for f in &p.writes {
             match &f.text {
@@ -1501,15 +1517,114 @@ pub fn hook_lines(root: &Root) -> Vec<String> {
     if !open || !root.exists(paths::TRIAL_CONFIG) {
         return Vec::new();
     }
+    trial_file_lines(root.exists(paths::TRIAL_FORCED))
+}
+
+fn trial_file_lines(forced: bool) -> Vec<String> {
     let mut out = vec![format!(
         "file /{} /{}",
         paths::TRIAL_CONFIG,
         paths::IMAGE_TRIAL_CONFIG
     )];
-    if root.exists(paths::TRIAL_FORCED) {
+    if forced {
         out.push(format!("file /{0} /{0}", paths::TRIAL_FORCED));
     }
     out
+}
+
+/// Every path of ours a hook can put into an image.
+const IMAGE_FILES: &[&str] = &[
+    paths::CONFIG,
+    paths::MODPROBE,
+    paths::FORCED,
+    paths::IMAGE_TRIAL_CONFIG,
+    paths::TRIAL_FORCED,
+];
+
+/// Whether the rebuild `apply --trial` would run can be skipped: every installed
+/// kernel's image already holds, byte for byte, what `hook-files` will list once the
+/// trial's files (`text`, `forced`) are written, and nothing else of ours; and where a
+/// systemd-boot entry is copied (`default`), each of its initrds on the ESP is one of
+/// those images. That is a retried trial of the same config. Returns how many images
+/// were read; `Err` says why the rebuild is needed.
+fn images_hold_the_trial(
+    ctx: &Context,
+    default: Option<&Entry>,
+    text: &str,
+    forced: bool,
+) -> Result<usize, String> {
+    let root = &ctx.root;
+    let mut kernels: BTreeSet<&str> = ctx.host.initrds.iter().map(String::as_str).collect();
+    kernels.extend(ctx.machine.kernels.iter().map(|k| k.version.as_str()));
+    if kernels.is_empty() {
+        return Err("no kernel with an initramfs found".into());
+    }
+    let images = kernels
+        .iter()
+        .map(|k| crate::host::image_path(root, k).ok_or(format!("no initramfs for {k} in /boot")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let binary = root
+        .read_bytes(paths::IMAGE_BINARY[0], 256 << 20)
+        .map_err(|e| format!("/{}: {e}", paths::IMAGE_BINARY[0]))?;
+    for (kver, image) in kernels.iter().zip(&images) {
+        let km = crate::kmod::KernelModules::read(root, kver);
+        let lines = apply::render_hook_files(&ctx.host, &km, &trial_file_lines(forced));
+        let mut wanted = crate::initramfs::holds::Wanted {
+            files: IMAGE_FILES.iter().map(|f| (f.to_string(), None)).collect(),
+            binary: binary.clone(),
+            kernel: kver.to_string(),
+            modules: Vec::new(),
+        };
+        for line in lines.lines() {
+            let mut words = line.split(' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("file"), Some(src), Some(dest)) => {
+                    let src = src.trim_start_matches('/');
+                    let bytes = if src == paths::TRIAL_CONFIG {
+                        text.as_bytes().to_vec()
+                    } else if src == paths::TRIAL_FORCED {
+                        TRIAL_FORCED_TEXT.as_bytes().to_vec()
+                    } else {
+                        root.read_bytes(src, 16 << 20)
+                            .map_err(|e| format!("/{src}: {e}"))?
+                    };
+                    wanted
+                        .files
+                        .insert(dest.trim_start_matches('/').to_string(), Some(bytes));
+                }
+                (Some("module"), Some(m), None) => wanted.modules.push(m.to_string()),
+                _ => return Err(format!("an unexpected hook-files line `{line}`")),
+            }
+        }
+        let shown = Path::new("/").join(image);
+        let file = root
+            .open(image)
+            .map_err(|e| format!("{}: {e}", shown.display()))?;
+        let diffs = crate::initramfs::holds::differences(std::io::BufReader::new(file), &wanted)
+            .map_err(|e| format!("{}: {e}", shown.display()))?;
+        if let Some(d) = diffs.first() {
+            return Err(format!("{d} in {}", shown.display()));
+        }
+    }
+    if let Some(e) = default {
+        let esp = e.dir.strip_suffix(paths::LOADER_ENTRIES).unwrap_or(&e.dir);
+        for (_, rel) in e.keys.iter().filter(|(k, _)| k == "initrd") {
+            let on_esp = Path::new(esp).join(rel.trim_start_matches('/'));
+            let copy = root
+                .read_bytes(&on_esp, 1 << 30)
+                .map_err(|e| format!("/{}: {e}", on_esp.display()))?;
+            let same = images
+                .iter()
+                .any(|img| root.read_bytes(img, 1 << 30).is_ok_and(|b| b == copy));
+            if !same {
+                return Err(format!(
+                    "/{} is not a copy of an image in /boot",
+                    on_esp.display()
+                ));
+            }
+        }
+    }
+    Ok(images.len())
 }
 
 /// `vfio-early trial status [--json]`.

@@ -12,6 +12,7 @@
 pub mod compression;
 pub mod examine;
 pub mod header;
+pub mod holds;
 pub mod list;
 pub mod stream;
 pub mod testimg;

@@ -2,6 +2,8 @@
 //! header by header, file data skipped through one fixed buffer. Nothing is collected;
 //! each entry is handed to a visitor with its name borrowed from the buffer, so memory
 //! stays bounded (two 128 KiB buffers plus the decoder's state) whatever the image size.
+//! A [`Visitor`] may ask for an entry's data: it is handed over in chunks, and the
+//! visitor decides what to keep.
 //!
 //! Layout accepted, as the kernel's `unpack_to_rootfs` does: uncompressed cpio archives
 //! (each ending in `TRAILER!!!`), zero padding between segments, then compressed
@@ -217,12 +219,40 @@ pub fn open_image(path: &Path) -> Result<File, InitramfsError> {
     Ok(file)
 }
 
+/// What a walk hands each entry to: its header and name, then, when asked for, its data.
+pub trait Visitor {
+    /// Called for each entry (trailers excluded) in order; `Ok(true)` asks for its data.
+    /// An error stops the walk as [`InitramfsError::Output`].
+    fn entry(&mut self, entry: &Entry<'_>) -> io::Result<bool>;
+    /// The asked-for data of the entry just visited, in chunks, in order (not called
+    /// for an empty file).
+    fn data(&mut self, chunk: &[u8]);
+}
+
+/// A closure visits names only.
+struct Names<F>(F);
+
+impl<F: FnMut(&Entry<'_>) -> io::Result<()>> Visitor for Names<F> {
+    fn entry(&mut self, entry: &Entry<'_>) -> io::Result<bool> {
+        (self.0)(entry).map(|()| false)
+    }
+    fn data(&mut self, _: &[u8]) {}
+}
+
 /// Walks every segment of an image, calling `visit` for each entry (trailers excluded)
 /// in order, and returns the segments. An error from `visit` stops the walk as
 /// [`InitramfsError::Output`].
 pub fn walk<R: Read>(
     image: R,
-    mut visit: impl FnMut(&Entry<'_>) -> io::Result<()>,
+    visit: impl FnMut(&Entry<'_>) -> io::Result<()>,
+) -> Result<Vec<Segment>, InitramfsError> {
+    walk_visiting(image, &mut Names(visit))
+}
+
+/// [`walk`] with a [`Visitor`], which may ask for entries' data.
+pub fn walk_visiting<R: Read>(
+    image: R,
+    visit: &mut dyn Visitor,
 ) -> Result<Vec<Segment>, InitramfsError> {
     let mut outer = Input::new(image, BUF);
     let mut segments = Vec::new();
@@ -254,11 +284,11 @@ pub fn walk<R: Read>(
                     },
                     one_archive: true,
                 };
-                cpio.parse(&mut visit)
+                cpio.parse(visit)
             }
             Compression::Gzip => {
                 let decoder = flate2::bufread::GzDecoder::new(&mut outer);
-                parse_unpacked(decoder, offset, compression, &mut visit)
+                parse_unpacked(decoder, offset, compression, visit)
             }
             Compression::Zstd => {
                 let decoder = zstd::stream::read::Decoder::with_buffer(&mut outer)
@@ -272,7 +302,7 @@ pub fn walk<R: Read>(
                         source,
                     })?
                     .single_frame();
-                parse_unpacked(decoder, offset, compression, &mut visit)
+                parse_unpacked(decoder, offset, compression, visit)
             }
             format => return Err(InitramfsError::Unsupported { offset, format }),
         };
@@ -304,7 +334,7 @@ fn parse_unpacked<D: Read>(
     decoder: D,
     segment: u64,
     compression: Compression,
-    visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<()>,
+    visit: &mut dyn Visitor,
 ) -> Result<Stats, InitramfsError> {
     let mut inner = Input::new(decoder, BUF);
     let mut cpio = Archives {
@@ -380,10 +410,7 @@ enum Next {
 }
 
 impl<R: Read> Archives<'_, R> {
-    fn parse(
-        &mut self,
-        visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<()>,
-    ) -> Result<Stats, InitramfsError> {
+    fn parse(&mut self, visit: &mut dyn Visitor) -> Result<Stats, InitramfsError> {
         let base = self.base;
         let mut stats = Stats::default();
         let mut in_archive = false;
@@ -468,12 +495,13 @@ impl<R: Read> Archives<'_, R> {
     }
 
     /// Reads the name and skips the data of the entry whose header (at `pos`) was just
-    /// consumed; visits it unless it is the trailer. Returns whether it was the trailer.
+    /// consumed; visits it unless it is the trailer, and hands its data over when the
+    /// visitor asks. Returns whether it was the trailer.
     fn entry(
         &mut self,
         pos: u64,
         h: header::Header,
-        visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<()>,
+        visit: &mut dyn Visitor,
         name_copy: &mut Vec<u8>,
     ) -> Result<bool, InitramfsError> {
         let base = self.base;
@@ -510,13 +538,14 @@ impl<R: Read> Archives<'_, R> {
         }
         let name = &nb[..namesize - 1];
         let trailer = name == header::TRAILER;
+        let mut wanted = false;
         if !trailer {
             let entry = Entry {
                 name,
                 header: h,
                 at: base.loc(pos),
             };
-            visit(&entry).map_err(InitramfsError::Output)?;
+            wanted = visit.entry(&entry).map_err(InitramfsError::Output)?;
         }
         if h.filesize > 0 {
             // Kept only for the error message below, in a buffer reused across entries.
@@ -527,10 +556,19 @@ impl<R: Read> Archives<'_, R> {
 
         let data_pos = self.input.pos();
         let want = h.data_span();
-        let got = match self.input.skip(want) {
-            Ok(n) => n,
-            Err(e) => return Err(base.io_error(data_pos, e)),
+        let handed = if wanted {
+            match self.hand_over(u64::from(h.filesize), visit) {
+                Ok(n) => n,
+                Err(e) => return Err(base.io_error(data_pos, e)),
+            }
+        } else {
+            0
         };
+        let got = handed
+            + match self.input.skip(want - handed) {
+                Ok(n) => n,
+                Err(e) => return Err(base.io_error(self.input.pos(), e)),
+            };
         if got < want {
             return Err(InitramfsError::Truncated {
                 at: base.loc(data_pos + got),
@@ -544,6 +582,23 @@ impl<R: Read> Archives<'_, R> {
             });
         }
         Ok(trailer)
+    }
+
+    /// Hands the next `len` bytes to the visitor in chunks; returns how many there were
+    /// (fewer only at the end of the stream, which the caller reports).
+    fn hand_over(&mut self, len: u64, visit: &mut dyn Visitor) -> io::Result<u64> {
+        let mut left = len;
+        while left > 0 {
+            let buf = self.input.ensure(BUF)?;
+            if buf.is_empty() {
+                break;
+            }
+            let take = (buf.len() as u64).min(left) as usize;
+            visit.data(&buf[..take]);
+            self.input.advance(take);
+            left -= take as u64;
+        }
+        Ok(len - left)
     }
 }
 

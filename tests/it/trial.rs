@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 
 use vfio_early::apply::{AtomicWriter, Writer};
 use vfio_early::context::{ConfigNeed, Context, PlanMode};
+use vfio_early::initramfs::testimg::{self, Cpio};
 use vfio_early::root::Root;
 use vfio_early::trial::{self, Phase};
 
@@ -21,6 +22,8 @@ use crate::fake::{text, workstation, Dev, FakeMachine};
 const COMMITTED: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n";
 /// The configuration tried: the same devices, and one more kernel argument.
 const TRIED: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n\n[kernel]\nextra_args = [\"pci=realloc\"]\n";
+/// [`TRIED`] with another argument: a different trial config.
+const COMMITTED_PLUS_ARG: &str = "[[device]]\nid = \"10de:1b80\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n\n[kernel]\nextra_args = [\"pci=nocrs\"]\n";
 /// A configuration whose second device is absent: its trial fails verification.
 const TRIED_ABSENT: &str = "[[device]]\nid = \"8086:10d3\"\naddress = \"0000:04:00.0\"\n\n[[device]]\nid = \"8086:10d3\"\naddress = \"0000:05:00.0\"\n";
 
@@ -170,6 +173,129 @@ fn a_grub_trial_is_prepared_without_touching_the_default_boot() {
         );
     }
     assert_eq!(default_boot(&m), before);
+}
+
+/// Builds `/boot/initrd.img-<kver>` as the hooks would now: every file and module
+/// `hook-files` lists, the binary and the boot script (`edit` changes the archive).
+fn image_as_hooks_build_it(m: &FakeMachine, kver: &str, edit: impl FnOnce(&mut Cpio)) {
+    let mut cpio = Cpio::newc();
+    cpio.file(
+        "usr/sbin/vfio-early",
+        &std::fs::read(m.path("usr/sbin/vfio-early")).expect("binary"),
+    )
+    .file("scripts/init-top/00vfio-early", b"#!/bin/sh\n");
+    for line in ok(m, &["hook-files", "--kernel", kver]).lines() {
+        match line.split(' ').collect::<Vec<_>>()[..] {
+            ["file", src, dest] => {
+                let bytes = std::fs::read(m.path(src.trim_start_matches('/'))).expect("hook file");
+                cpio.file(dest.trim_start_matches('/'), &bytes);
+            }
+            ["module", name] => {
+                cpio.file(
+                    &format!("usr/lib/modules/{kver}/kernel/drivers/vfio/{name}.ko"),
+                    b"ko",
+                );
+            }
+            _ => panic!("{line}"),
+        }
+    }
+    edit(&mut cpio);
+    let image = testimg::zstd(&cpio.finish());
+    std::fs::write(m.path(&format!("boot/initrd.img-{kver}")), image).expect("image written");
+}
+
+#[test]
+fn a_retried_trial_keeps_images_that_already_hold_it() {
+    let m = grub_host();
+    let kver = "6.1.0-28-amd64";
+    m.write("usr/sbin/vfio-early", "the installed binary");
+    m.config(TRIED);
+    let first = ok(&m, &["apply", "--trial"]);
+    assert!(
+        first.contains(&format!(
+            "initramfs: rebuilt (no initramfs for {kver} in /boot)"
+        )),
+        "{first}"
+    );
+    // The first trial's rebuild made the image; the trial fails (here: aborted).
+    image_as_hooks_build_it(&m, kver, |_| {});
+    ok(&m, &["trial", "abort"]);
+    let again = ok(&m, &["apply", "--trial", "--trial-arg", "rootdelay=5"]);
+    assert!(
+        again.contains(
+            "initramfs: kept: its 1 image(s) already hold this trial's files, byte for byte"
+        ),
+        "{again}"
+    );
+    assert!(!again.contains("update-initramfs"), "{again}");
+    assert!(again.contains("would run: update-grub"), "{again}");
+    ok(&m, &["trial", "abort"]);
+    // Anything of ours that differs or is extra means a rebuild, and says why.
+    type Edit = fn(&mut Cpio);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            COMMITTED_PLUS_ARG,
+            |_| {},
+            "/etc/vfio-early-trial.toml differs",
+        ),
+        (
+            TRIED,
+            |c| {
+                c.file("var/lib/vfio-early/trial/forced", b"x");
+            },
+            "/var/lib/vfio-early/trial/forced is there",
+        ),
+        (
+            TRIED,
+            |c| {
+                c.file("usr/sbin/vfio-early", b"an older binary");
+            },
+            "the vfio-early binary differs from the installed one",
+        ),
+    ];
+    for (config, edit, why) in cases {
+        m.config(TRIED);
+        ok(&m, &["apply", "--trial"]);
+        image_as_hooks_build_it(&m, kver, edit);
+        ok(&m, &["trial", "abort"]);
+        m.config(config);
+        let out = ok(&m, &["apply", "--trial", "--dry-run"]);
+        assert!(
+            out.contains(&format!(
+                "initramfs: rebuilt ({why} in /boot/initrd.img-{kver})"
+            )),
+            "{why}: {out}"
+        );
+        assert!(
+            out.contains("would run: update-initramfs -u -k all"),
+            "{why}: {out}"
+        );
+    }
+}
+
+#[test]
+fn on_systemd_boot_the_esp_copy_of_the_image_counts_too() {
+    let m = sdboot_host();
+    let kver = "6.1.0-28-amd64";
+    m.write("usr/sbin/vfio-early", "the installed binary");
+    m.config(TRIED);
+    ok(&m, &["apply", "--trial"]);
+    image_as_hooks_build_it(&m, kver, |_| {});
+    ok(&m, &["trial", "abort"]);
+    // The default entry boots the ESP's copy, which kernel-install has not refreshed.
+    let esp = format!("boot/efi/0b1c/{kver}/initrd.img-{kver}");
+    m.write(&esp, "an older image");
+    let out = ok(&m, &["apply", "--trial", "--dry-run"]);
+    assert!(
+        out.contains(&format!(
+            "initramfs: rebuilt (/{esp} is not a copy of an image in /boot)"
+        )),
+        "{out}"
+    );
+    std::fs::copy(m.path(&format!("boot/initrd.img-{kver}")), m.path(&esp)).expect("copied");
+    let out = ok(&m, &["apply", "--trial", "--dry-run"]);
+    assert!(out.contains("initramfs: kept: its 1 image(s)"), "{out}");
+    assert!(!out.contains("update-initramfs"), "{out}");
 }
 
 #[test]
