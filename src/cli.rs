@@ -93,7 +93,8 @@ pub enum Cmd {
         /// Try the config for one boot first, changing nothing of the default
         /// boot: prepare a boot entry that carries it (GRUB with grub-reboot, or
         /// systemd-boot with a one-shot, boot-counted entry) and rebuild the
-        /// initramfs with both configs. In that boot vfio-early-verify.service
+        /// initramfs with both configs (kept as it is when every image already
+        /// holds this trial byte for byte: a retry). In that boot vfio-early-verify.service
         /// runs status's checks and keeps the config (as `apply` would write it)
         /// or drops it; a boot that hangs or panics falls back to the current
         /// configuration at the next boot by itself. Refused, writing nothing,

@@ -237,6 +237,27 @@ pub fn remove_tree(path: &Path) -> anyhow::Result<()> {
     .with_context(|| format!("removing {}", path.display()))
 }
 
+/// `cargo xtask images`: every base image the boot scenarios and deb-test use, in the
+/// order the matrix first needs them (its costliest scenarios start first), Debian 12
+/// with initramfs-tools (deb-test's) among the first. `cargo xtask test` runs this
+/// beside its first steps, so that the debootstraps' downloads overlap the compiling;
+/// a later xtask that needs an image still being made waits for it (see [`ensure_base`]).
+pub fn prefetch(project: &Path) -> anyhow::Result<()> {
+    let mut scenarios = crate::scenario::load_dir(&project.join("tests/boot/scenarios"))?;
+    scenarios.sort_by_key(|s| std::cmp::Reverse(s.cost()));
+    let mut bases = vec![(Distro::Bookworm, Generator::InitramfsTools)];
+    for s in &scenarios {
+        if !bases.contains(&(s.distro, s.generator)) {
+            bases.push((s.distro, s.generator));
+        }
+    }
+    for (distro, generator) in bases {
+        let dir = ensure_base(project, distro, generator)?;
+        crate::progress::line(&format!("images: {}", dir.display()));
+    }
+    Ok(())
+}
+
 /// The base image for (distro, generator): from the cache, or built now (a few minutes).
 pub fn ensure_base(
     project: &Path,

@@ -108,6 +108,9 @@ enum Task {
         #[arg(long)]
         fake: bool,
     },
+    /// Build the Debian base images the boot scenarios and deb-test use
+    /// (debootstrap from this machine's mirror; cached in target/boot-cache/).
+    Images,
     /// Boot every scenario of tests/boot/scenarios/ in QEMU and check the guest's
     /// report (real Debian images, the real package; TCG; a few minutes).
     BootTest {
@@ -136,6 +139,7 @@ fn main() -> anyhow::Result<()> {
     match cli.task {
         Task::Test { no_boot } => test::run(&sh, &project_root(), no_boot),
         Task::DebTest => deb_life::run(&sh, &project_root()),
+        Task::Images => image::prefetch(&project_root()),
         Task::Codegen { check } => codegen::run(check),
         Task::Deb { version } => deb::build(&sh, version.as_deref(), true).map(|_| ()),
         Task::Demo { fake: true } => demo::run_fake(&sh),

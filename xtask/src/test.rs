@@ -4,7 +4,9 @@
 //! fuzz run, then the package (built once, linted), and at the same time its life cycle
 //! in a chroot (`deb-test`) and every boot scenario (`boot-test`): the chroot's
 //! debootstrap and dpkg wait on the network and the disk while the guests take the
-//! cores. `--no-boot` stops before the last three, and says so.
+//! cores. `--no-boot` stops before the last three, and says so. Without it, `xtask
+//! images` makes the boot steps' base images from the start, beside the checks: its
+//! debootstraps wait on the network and the disk while the compilers take the cores.
 //!
 //! Each step runs as its own process (cargo, shellcheck, or this xtask's own task), its
 //! output in `target/xtask/test-<step>.log`: one line per step, and the whole log of a
@@ -134,9 +136,21 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
     }
     let logs = project.join("target/xtask");
     let total = steps.len() + together.len();
+    // The base images' debootstraps (network and disk, mostly) beside the checks.
+    let mut images = if no_boot {
+        None
+    } else {
+        tools::ensure_apt(sh, &[("debootstrap", "debootstrap")])?;
+        Some(start_images(own(&["images"]), &logs)?)
+    };
     let mut passed = 0;
     for step in steps {
-        run_step(step, &logs, passed)?;
+        if let Err(e) = run_step(step, &logs, passed) {
+            if let Some((child, _)) = &mut images {
+                stop(child);
+            }
+            return Err(e);
+        }
         passed += 1;
     }
     // Both at once; each says its line when it ends, a failure after the other ended.
@@ -156,6 +170,16 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
             })
             .collect()
     });
+    if let Some((mut child, log)) = images {
+        let ok = child.wait().is_ok_and(|s| s.success());
+        if !ok {
+            progress::line(&format!(
+                "test: images: making the base images beside the checks failed (log {}); \
+                 deb-test and boot-test made them themselves",
+                log.display()
+            ));
+        }
+    }
     for r in results {
         r?;
     }
@@ -167,6 +191,36 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
     }
     progress::line(&format!("test: {total} passed, 0 failed"));
     Ok(())
+}
+
+/// Starts `cargo xtask images` in its own process group, its output in `logs`.
+fn start_images(
+    mut cmd: Command,
+    logs: &Path,
+) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(logs)?;
+    let log = logs.join("test-images.log");
+    let f = std::fs::File::create(&log)?;
+    cmd.process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f);
+    let child = cmd.spawn().context("starting `xtask images`")?;
+    progress::line(&format!(
+        "test: images: the base images' debootstraps run beside the checks (log {})",
+        log.display()
+    ));
+    Ok((child, log))
+}
+
+/// Stops a process group started by [`start_images`] (`timeout` passes the signal on to
+/// the debootstrap it runs).
+fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &format!("-{}", child.id())])
+        .status();
+    let _ = child.wait();
 }
 
 /// Runs one step with its log in `logs`; on failure prints the whole log and says how
