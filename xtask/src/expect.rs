@@ -194,6 +194,10 @@ pub fn check_actions(e: &scenario::Expect, has_actions: bool, r: &Report, n: usi
                 "boot {n}: {what} exited {code:?}: {}",
                 last_lines(&text, 6)
             ));
+        } else if what == "run" {
+            for want in e.run_output.iter().filter(|w| !text.contains(w.as_str())) {
+                f.push(format!("boot {n}: the stage's run did not say `{want}`"));
+            }
         }
     }
     let (text, code) = r.with_exit("next-boot");
@@ -493,6 +497,14 @@ mod tests {
         assert_eq!(
             check_actions(&e, true, &failed, 1),
             ["boot 1: run exited Some(1): no"]
+        );
+        let said = scenario::Expect {
+            run_output: vec!["ok".into(), "initramfs: kept".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            check_actions(&said, true, &ran, 1),
+            ["boot 1: the stage's run did not say `initramfs: kept`"]
         );
     }
 }
