@@ -116,6 +116,10 @@ pub const IMAGE_BOOT_SCRIPT: &[&str] = &[
     "usr/lib/dracut/hooks/pre-udev/00-vfio-early-bind.sh",
 ];
 pub const IMAGE_MODULE_DIRS: &[&str] = &["lib/modules/", "usr/lib/modules/"];
+/// Every file of ours (besides the binary and the boot script) a hook can put into an
+/// image: the applied config, the modprobe drop-in, the `--force` marker, and a
+/// trial's config and marker.
+pub const IMAGE_OWN_FILES: &[&str] = &[CONFIG, MODPROBE, FORCED, IMAGE_TRIAL_CONFIG, TRIAL_FORCED];
 
 /// All constants above, for the test that rejects absolute paths.
 pub const ALL: &[&str] = &[
@@ -191,6 +195,7 @@ pub const ALL_LISTS: &[&[&str]] = &[
     IMAGE_MODPROBE,
     IMAGE_BOOT_SCRIPT,
     IMAGE_MODULE_DIRS,
+    IMAGE_OWN_FILES,
 ];
 
 #[cfg(test)]

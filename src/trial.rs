@@ -8,7 +8,8 @@
 //! `vfio_early.trial` and `panic=10`: a GRUB menu entry (an `/etc/grub.d` script, see
 //! [`crate::grubmenu`]) armed with `grub-reboot`, or a boot-counted systemd-boot entry
 //! (see [`crate::entries`]) armed with `bootctl set-oneshot`. The initramfs is rebuilt
-//! so that it holds both configs; the early binder takes the trial's only when the
+//! so that it holds both configs (unless every image already holds them byte for byte,
+//! a retry: [`images_hold_the_trial`]); the early binder takes the trial's only when the
 //! command line says `vfio_early.trial` ([`crate::early`]). Where a one-shot boot cannot
 //! be made safely (a grubenv GRUB cannot write, Proxmox's unmounted ESPs, unified kernel
 //! images, no bootloader), the trial is refused with the reason and nothing is written.
@@ -1532,15 +1533,6 @@ fn trial_file_lines(forced: bool) -> Vec<String> {
     out
 }
 
-/// Every path of ours a hook can put into an image.
-const IMAGE_FILES: &[&str] = &[
-    paths::CONFIG,
-    paths::MODPROBE,
-    paths::FORCED,
-    paths::IMAGE_TRIAL_CONFIG,
-    paths::TRIAL_FORCED,
-];
-
 /// Whether the rebuild `apply --trial` would run can be skipped: every installed
 /// kernel's image already holds, byte for byte, what `hook-files` will list once the
 /// trial's files (`text`, `forced`) are written, and nothing else of ours; and where a
@@ -1570,7 +1562,10 @@ fn images_hold_the_trial(
         let km = crate::kmod::KernelModules::read(root, kver);
         let lines = apply::render_hook_files(&ctx.host, &km, &trial_file_lines(forced));
         let mut wanted = crate::initramfs::holds::Wanted {
-            files: IMAGE_FILES.iter().map(|f| (f.to_string(), None)).collect(),
+            files: paths::IMAGE_OWN_FILES
+                .iter()
+                .map(|f| (f.to_string(), None))
+                .collect(),
             binary: binary.clone(),
             kernel: kver.to_string(),
             modules: Vec::new(),
