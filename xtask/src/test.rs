@@ -140,8 +140,15 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
     let mut images = if no_boot {
         None
     } else {
-        tools::ensure_apt(sh, &[("debootstrap", "debootstrap")])?;
-        Some(start_images(own(&["images"]), &logs)?)
+        tools::ensure_apt(
+            sh,
+            &[
+                ("debootstrap", "debootstrap"),
+                ("setsid", "util-linux"),
+                ("pkill", "procps"),
+            ],
+        )?;
+        Some(start_images(&xtask, project, &logs)?)
     };
     let mut passed = 0;
     for step in steps {
@@ -193,16 +200,24 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `cargo xtask images` in its own process group, its output in `logs`.
+/// Starts `cargo xtask images` (`xtask`, with `--verbose` when asked) in a session of
+/// its own, its output in `logs`: each `timeout` it runs makes its own process group,
+/// so only the session holds them all for [`stop`].
 fn start_images(
-    mut cmd: Command,
+    xtask: &Path,
+    project: &Path,
     logs: &Path,
 ) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
-    use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(logs)?;
     let log = logs.join("test-images.log");
     let f = std::fs::File::create(&log)?;
-    cmd.process_group(0)
+    let mut cmd = Command::new("setsid");
+    cmd.arg(xtask);
+    if progress::verbose() {
+        cmd.arg("--verbose");
+    }
+    cmd.arg("images")
+        .current_dir(project)
         .stdin(std::process::Stdio::null())
         .stdout(f.try_clone()?)
         .stderr(f);
@@ -214,11 +229,13 @@ fn start_images(
     Ok((child, log))
 }
 
-/// Stops a process group started by [`start_images`] (`timeout` passes the signal on to
-/// the debootstrap it runs).
+/// Stops the session [`start_images`] started (setsid makes the spawned process its
+/// leader: the session id is its pid); each `timeout` in it passes the signal on to
+/// its debootstrap. Not a negative pid to kill(1): procps-ng's (Debian 12's 4.0.2)
+/// runs `kill -TERM -<pgid>` as `kill(-1, SIGTERM)`, every process there is.
 fn stop(child: &mut std::process::Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &format!("-{}", child.id())])
+    let _ = Command::new("pkill")
+        .args(["-TERM", "-s", &child.id().to_string()])
         .status();
     let _ = child.wait();
 }
