@@ -1,13 +1,14 @@
 //! Reading initramfs images: the concatenated segments the kernel unpacks at boot
 //! (uncompressed early cpio archives, then a gzip or zstd compressed main archive), the
-//! newc/crc cpio entries inside them, and three reports built on one streaming walk:
-//! `examine` (the segments), `list` (every path) and `verify` (does the image hold what
-//! vfio-early needs at boot).
+//! newc/crc cpio entries inside them, and the reports built on one streaming walk:
+//! `examine` (the segments), `list` (every path), `verify` (does the image hold what
+//! vfio-early needs at boot) and `holds` (does it hold our files byte for byte).
 //!
 //! Boundaries: this module reads; it never extracts, writes or decides anything about
 //! devices. Memory stays bounded whatever the image size: file data is skipped through a
-//! fixed buffer, never collected. Every malformed input becomes an [`InitramfsError`]
-//! naming the byte offset (never a panic).
+//! fixed buffer, and only `holds` keeps any (the few files it asks for, each at most a
+//! byte longer than wanted). Every malformed input becomes an [`InitramfsError`] naming
+//! the byte offset (never a panic).
 
 pub mod compression;
 pub mod examine;
