@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
 
 use super::stream::{walk_visiting, Entry, Visitor};
+use super::verify::{normalize, split_module_path};
 use super::InitramfsError;
 use crate::{kmod, paths};
 
@@ -41,21 +42,18 @@ impl Visitor for Seen<'_> {
         let Ok(name) = std::str::from_utf8(entry.name) else {
             return Ok(false);
         };
-        let name = name.trim_start_matches("./").trim_start_matches('/');
+        let name = normalize(name);
         if entry.is_dir() {
             return Ok(false);
         }
         if paths::IMAGE_BOOT_SCRIPT.contains(&name) {
             self.boot_script = true;
         }
-        if let Some(rest) = paths::IMAGE_MODULE_DIRS
-            .iter()
-            .find_map(|d| name.strip_prefix(d))
-            .and_then(|r| r.strip_prefix(self.wanted.kernel.as_str()))
-            .and_then(|r| r.strip_prefix('/'))
-        {
-            if let Some(m) = kmod::module_name_of(rest) {
-                self.modules.insert(m);
+        if let Some((kver, rest)) = split_module_path(name) {
+            if kver == self.wanted.kernel {
+                if let Some(m) = kmod::module_name_of(rest) {
+                    self.modules.insert(m);
+                }
             }
         }
         let keep = if paths::IMAGE_BINARY.contains(&name) {

@@ -45,7 +45,7 @@ impl Verification {
 }
 
 /// `name` without a leading `./` or `/` (both appear in images built by other tools).
-fn normalize(name: &str) -> &str {
+pub(super) fn normalize(name: &str) -> &str {
     let mut n = name;
     loop {
         if let Some(rest) = n.strip_prefix("./") {
@@ -59,7 +59,7 @@ fn normalize(name: &str) -> &str {
 }
 
 /// `(kernel version, rest)` for a path under a module tree.
-fn split_module_path(name: &str) -> Option<(&str, &str)> {
+pub(super) fn split_module_path(name: &str) -> Option<(&str, &str)> {
     let rest = MODULE_DIRS.iter().find_map(|d| name.strip_prefix(d))?;
     let (kver, rest) = rest.split_once('/').unwrap_or((rest, ""));
     (!kver.is_empty()).then_some((kver, rest))

@@ -204,22 +204,30 @@ fn image_as_hooks_build_it(m: &FakeMachine, kver: &str, edit: impl FnOnce(&mut C
     std::fs::write(m.path(&format!("boot/initrd.img-{kver}")), image).expect("image written");
 }
 
+/// A trial of [`TRIED`] whose rebuild made the image (as [`image_as_hooks_build_it`],
+/// changed by `edit`), then aborted; returns what `apply --trial` said.
+fn tried_then_aborted(m: &FakeMachine, kver: &str, edit: impl FnOnce(&mut Cpio)) -> String {
+    m.config(TRIED);
+    let out = ok(m, &["apply", "--trial"]);
+    image_as_hooks_build_it(m, kver, edit);
+    ok(m, &["trial", "abort"]);
+    out
+}
+
 #[test]
 fn a_retried_trial_keeps_images_that_already_hold_it() {
     let m = grub_host();
     let kver = "6.1.0-28-amd64";
     m.write("usr/sbin/vfio-early", "the installed binary");
-    m.config(TRIED);
-    let first = ok(&m, &["apply", "--trial"]);
+    // The first trial's rebuild made the image; the trial fails (here: aborted).
+    let first = tried_then_aborted(&m, kver, |_| {});
     assert!(
         first.contains(&format!(
             "initramfs: rebuilt (no initramfs for {kver} in /boot)"
         )),
         "{first}"
     );
-    // The first trial's rebuild made the image; the trial fails (here: aborted).
-    image_as_hooks_build_it(&m, kver, |_| {});
-    ok(&m, &["trial", "abort"]);
+    m.config(TRIED);
     let again = ok(&m, &["apply", "--trial", "--trial-arg", "rootdelay=5"]);
     assert!(
         again.contains(
@@ -254,10 +262,7 @@ fn a_retried_trial_keeps_images_that_already_hold_it() {
         ),
     ];
     for (config, edit, why) in cases {
-        m.config(TRIED);
-        ok(&m, &["apply", "--trial"]);
-        image_as_hooks_build_it(&m, kver, edit);
-        ok(&m, &["trial", "abort"]);
+        tried_then_aborted(&m, kver, edit);
         m.config(config);
         let out = ok(&m, &["apply", "--trial", "--dry-run"]);
         assert!(
@@ -278,10 +283,7 @@ fn on_systemd_boot_the_esp_copy_of_the_image_counts_too() {
     let m = sdboot_host();
     let kver = "6.1.0-28-amd64";
     m.write("usr/sbin/vfio-early", "the installed binary");
-    m.config(TRIED);
-    ok(&m, &["apply", "--trial"]);
-    image_as_hooks_build_it(&m, kver, |_| {});
-    ok(&m, &["trial", "abort"]);
+    tried_then_aborted(&m, kver, |_| {});
     // The default entry boots the ESP's copy, which kernel-install has not refreshed.
     let esp = format!("boot/efi/0b1c/{kver}/initrd.img-{kver}");
     m.write(&esp, "an older image");
