@@ -26,8 +26,8 @@ const PROBE_TARGET: &str = "tests/boot/vfio-early-probe.target";
 /// Runs in the layer after the package is installed and the probe's units are in
 /// place. Nothing here touches what the tests prove (the kernel and its modules, the
 /// initramfs generator, the package's files); it removes work nobody looks at, which
-/// under TCG costs seconds a boot, and on this machine seconds a scenario. (The probe's unit, for its part, waits for udev's
-/// coldplug of the PCI devices only.)
+/// under TCG costs seconds a boot, and on this machine seconds a scenario. (The
+/// probe's unit, for its part, waits for udev's coldplug of the PCI devices only.)
 pub const TRIM: &str = r#"
 set -e
 # A TCG guest on a loaded host can miss the kernel's timer check and panic ("timer
@@ -59,12 +59,17 @@ printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/cop
     > /etc/dpkg/dpkg.cfg.d/vfio-early-test-nodoc
 find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
 rm -rf /usr/share/man/* /usr/share/locale/* /var/lib/apt/lists/* /var/cache/apt/*.bin
-# initramfs-tools images with the modules a guest needs to mount its root (virtio, ext4,
-# device-mapper for the LVM root), not Debian's `most`: built on this machine (the
-# chroot's MODULES=dep would read the build machine's root) in 1.5 s instead of 18 s,
-# 6 MB instead of 30 that a TCG guest unpacks at every boot. vfio-early's hook adds the
-# vfio modules itself in either mode; builds in the guest take MODULES=dep (the stage
-# scripts' zz-boot-harness, read after this file).
+"#;
+
+/// The test images' initramfs-tools builds take the modules a guest needs to mount its
+/// root (virtio, ext4, device-mapper for the LVM root), not Debian's `most`: built on
+/// this machine (a chroot's MODULES=dep would read the build machine's root) in 1.5 s
+/// instead of 18 s, 6 MB instead of 30 that a TCG guest unpacks at every boot.
+/// vfio-early's hook adds the vfio modules itself in any mode. Run in every layer
+/// after `TRIM`, and in deb-test's chroot (nine builds there). Builds in a guest take
+/// the stage scripts' zz-boot-harness, read after this file.
+pub const SMALL_INITRAMFS: &str = r#"
+set -e
 if [ -d /etc/initramfs-tools ]; then
     echo MODULES=list > /etc/initramfs-tools/conf.d/boot-harness-modules
     printf '%s\n' virtio_pci virtio_blk ext4 dm_mod >> /etc/initramfs-tools/modules
@@ -175,6 +180,7 @@ fn key(project: &Path, base: &Path, deb: &Path) -> anyhow::Result<String> {
         h.add(&std::fs::read(project.join(f)).with_context(|| format!("reading {f}"))?);
     }
     h.add(TRIM.as_bytes());
+    h.add(SMALL_INITRAMFS.as_bytes());
     Ok(format!("{:016x}", h.0))
 }
 
@@ -224,6 +230,7 @@ pub fn ensure(
     install_probe(project, &partial)?;
     phase.waiting("trimming the guest");
     image::chroot_sh(&partial, TRIM, &log, Duration::from_secs(300))?;
+    image::chroot_sh(&partial, SMALL_INITRAMFS, &log, Duration::from_secs(300))?;
     std::fs::write(partial.join(".complete"), format!("{name}\n"))?;
     std::fs::rename(&partial, &tree)
         .with_context(|| format!("renaming {} to {}", partial.display(), tree.display()))?;
