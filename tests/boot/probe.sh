@@ -24,8 +24,10 @@
 
 flags=/etc/vfio-early-probe
 state=/var/lib/vfio-early-probe
-mkdir -p "$state"
-boot=$(( $(cat "$state/boots" 2>/dev/null || echo 0) + 1 ))
+[ -d "$state" ] || mkdir -p "$state"
+boots=0
+[ -e "$state/boots" ] && read -r boots < "$state/boots"
+boot=$((boots + 1))
 echo "$boot" > "$state/boots"
 # At error level, so the kernel also prints it on the console: its host arrival time
 # places the kernel's clock on the host's.
@@ -35,7 +37,8 @@ section() { echo "== $1"; }
 
 report() {
     section cmdline
-    cat /proc/cmdline
+    read -r cmdline < /proc/cmdline
+    echo "$cmdline"
 
     # What booted: the firmware, and the loader entry systemd-boot started (its EFI
     # variable: a 4-byte attribute header, then the name in UTF-16LE; sent as hex, the
@@ -47,10 +50,15 @@ report() {
         echo "loader-entry-selected $(od -An -v -tx1 "$entry" | tr -d ' \n')"
     fi
 
+    # Shell builtins only (`cd -P` resolves the driver link): under TCG each command
+    # started is tens of milliseconds.
     section drivers
     for dev in /sys/bus/pci/devices/*; do
         drv=none
-        [ -e "$dev/driver" ] && drv=$(basename "$(readlink "$dev/driver")")
+        if [ -e "$dev/driver" ] && cd -P "$dev/driver"; then
+            drv=${PWD##*/}
+            cd /
+        fi
         read -r vendor < "$dev/vendor"
         read -r device < "$dev/device"
         echo "${dev##*/} $vendor $device $drv"
@@ -66,7 +74,8 @@ report() {
     echo "$boot"
 
     section kernels
-    uname -r
+    read -r release < /proc/sys/kernel/osrelease
+    echo "$release"
     for k in /boot/vmlinuz-*; do echo "${k#/boot/vmlinuz-}"; done | sort -V
 
     if [ -e "$flags/paths" ]; then

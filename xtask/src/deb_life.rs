@@ -49,7 +49,8 @@ pub fn run(sh: &Shell, project: &Path) -> anyhow::Result<()> {
     let chroot = |script: &str| image::chroot_sh(&tree, script, &log, Duration::from_secs(600));
     // The test images' small initramfs: each of the life cycle's nine builds takes
     // seconds instead of 20 (what goes into an image is the hook's business, and the
-    // hook adds the vfio modules in any MODULES mode).
+    // hook adds the vfio modules in any MODULES mode). The install's trigger builds the
+    // first one.
     chroot(crate::layer::SMALL_INITRAMFS)?;
     let step = |what: &str| progress::line(&format!("deb-test: {what}"));
 
