@@ -43,14 +43,15 @@ ln -sf /etc/systemd/system/vfio-early-probe.target /etc/systemd/system/default.t
 # it nor systemd runs one; nothing here tests fsck.
 sed -i 's|^\(/dev/vda[[:space:]].*[[:space:]]\)[0-9]$|\10|' /etc/fstab
 # The q35 chipset's own functions, which no check reads (LPC bridge and its watchdog,
-# SATA controller, SMBus), keep no driver: each probe is on the probe's path at every
-# boot (the six empty SATA links alone take a third of a second under TCG).
+# SATA controller, SMBus), get no driver: loading and probing each is on the way to
+# the probe at every boot (the six empty SATA links alone take a third of a second
+# under TCG).
 printf 'blacklist %s\n' lpc_ich ahci i2c_i801 > /etc/modprobe.d/boot-harness-chipset.conf
 # udev's coldplug at sysinit (systemd-udev-trigger.service; a boot waits for it when
 # it pulls in vfio-early-verify.service, ordered after it) replays the PCI devices,
 # which every check reads, and the block devices, which fstab mounts (an ESP by its
 # UUID). The rest (CPUs, platform and ACPI devices, input, ttys: a few hundred events
-# and module lookups) took 10 s of a trial boot under TCG, and nothing reads it.
+# and module lookups) took about 5 s of a trial boot under TCG, and nothing reads it.
 mkdir -p /etc/systemd/system/systemd-udev-trigger.service.d
 printf '%s\n' '[Service]' 'ExecStart=' \
     'ExecStart=-udevadm trigger --action=add --subsystem-match=pci --subsystem-match=block' \
