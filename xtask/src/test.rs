@@ -148,7 +148,7 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
                 ("pkill", "procps"),
             ],
         )?;
-        Some(start_images(&xtask, project, &logs)?)
+        Some(start_images(own(&["images"]), &logs)?)
     };
     let mut passed = 0;
     for step in steps {
@@ -200,25 +200,22 @@ pub fn run(sh: &Shell, project: &Path, no_boot: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `cargo xtask images` (`xtask`, with `--verbose` when asked) in a session of
-/// its own, its output in `logs`: each `timeout` it runs makes its own process group,
-/// so only the session holds them all for [`stop`].
+/// Starts `images` (the xtask command line `own` made) in a session of its own, its
+/// output in `logs`: each `timeout` it runs makes its own process group, so only the
+/// session holds them all for [`stop`].
 fn start_images(
-    xtask: &Path,
-    project: &Path,
+    images: Command,
     logs: &Path,
 ) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
     std::fs::create_dir_all(logs)?;
     let log = logs.join("test-images.log");
     let f = std::fs::File::create(&log)?;
     let mut cmd = Command::new("setsid");
-    cmd.arg(xtask);
-    if progress::verbose() {
-        cmd.arg("--verbose");
+    cmd.arg(images.get_program()).args(images.get_args());
+    if let Some(dir) = images.get_current_dir() {
+        cmd.current_dir(dir);
     }
-    cmd.arg("images")
-        .current_dir(project)
-        .stdin(std::process::Stdio::null())
+    cmd.stdin(std::process::Stdio::null())
         .stdout(f.try_clone()?)
         .stderr(f);
     let child = cmd.spawn().context("starting `xtask images`")?;
