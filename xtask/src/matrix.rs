@@ -155,9 +155,21 @@ pub fn run_scenarios(
     if scenarios.iter().any(|s| s.boot == Boot::UefiGrub) {
         crate::tools::ensure_apt(sh, &[("fusefat", "fusefat")])?;
     }
-    let deb = crate::deb::build(sh, None, false)?;
     let work = project.join("target/boot-test");
     std::fs::create_dir_all(&work)?;
+    // A scenario prepared before rewrites its disk in place; a new one takes up to
+    // about 1 GiB (its sparse root disk and the kernel and initramfs beside it), and
+    // the layers, images and package want some room of their own.
+    let new = scenarios
+        .iter()
+        .filter(|s| !work.join(s.name()).join("prepared.key").exists())
+        .count() as u64;
+    crate::tools::ensure_free_space(
+        &work,
+        (new + 2) * crate::tools::GIB,
+        &format!("{new} new boot scenario(s) of {}", scenarios.len()),
+    )?;
+    let deb = crate::deb::build(sh, None, false)?;
     let wanted: Vec<_> = scenarios.iter().map(|s| (s.distro, s.generator)).collect();
     let layers = Layers::new(project, &deb, &wanted);
 

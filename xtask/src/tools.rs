@@ -116,3 +116,89 @@ pub fn ensure_cargo_tool(sh: &Shell, bin: &str, krate: &str) -> anyhow::Result<(
         .with_context(|| format!("timeout 1800 cargo install --locked {krate}"))?;
     Ok(())
 }
+
+/// Bytes free to an unprivileged writer on the file system holding `dir` (`df`).
+pub fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .with_context(|| format!("df {}", dir.display()))?;
+    if !out.status.success() {
+        bail!(
+            "df {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_df_avail(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("reading df's output for {}", dir.display()))
+}
+
+/// The number under `df --output=avail`'s header.
+fn parse_df_avail(text: &str) -> anyhow::Result<u64> {
+    let value = text.lines().nth(1).context("no value line")?.trim();
+    value
+        .parse()
+        .with_context(|| format!("not a number: {value:?}"))
+}
+
+pub const GIB: u64 = 1 << 30;
+
+/// Fails before any work when `dir`'s file system has less than `need` bytes free,
+/// naming both figures and `what` needs them: a run that fills the disk halfway fails
+/// later with a bare "No space left on device" from whichever tool hit it.
+pub fn ensure_free_space(dir: &std::path::Path, need: u64, what: &str) -> anyhow::Result<()> {
+    let free = free_bytes(dir)?;
+    check_free(dir, free, need, what)
+}
+
+fn check_free(dir: &std::path::Path, free: u64, need: u64, what: &str) -> anyhow::Result<()> {
+    if free >= need {
+        return Ok(());
+    }
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / GIB as f64);
+    bail!(
+        "{} has {} free; about {} is needed for {what}. Free some space (old clones of \
+         this repository, scenario directories under target/boot-test that are no longer \
+         in tests/boot/scenarios) and run again",
+        dir.display(),
+        gib(free),
+        gib(need)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn df_output_is_read() {
+        assert_eq!(
+            parse_df_avail("    Avail\n53687091200\n").unwrap(),
+            53_687_091_200
+        );
+        assert!(parse_df_avail("Avail\n").is_err());
+        assert!(parse_df_avail("Avail\n12G\n").is_err());
+    }
+
+    #[test]
+    fn too_little_space_names_both_figures() {
+        let dir = std::path::Path::new("/work/target");
+        assert!(check_free(dir, 5 * GIB, 5 * GIB, "x").is_ok());
+        let e = check_free(dir, GIB, 3 * GIB + GIB / 2, "the boot scenarios")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "/work/target has 1.0 GiB free; about 3.5 GiB is needed for the boot scenarios."
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn free_space_of_this_directory_is_measured() {
+        assert!(free_bytes(std::path::Path::new(".")).unwrap() > 0);
+    }
+}
