@@ -65,7 +65,7 @@ report() {
     done
 
     section modules
-    cut -d' ' -f1 /proc/modules | sort
+    while read -r name _; do echo "$name"; done < /proc/modules
 
     section vfio-dev
     ls /dev/vfio 2>&1

@@ -45,25 +45,19 @@ sed -i 's|^\(/dev/vda[[:space:]].*[[:space:]]\)[0-9]$|\10|' /etc/fstab
 # The q35 chipset's own functions, which no check reads (LPC bridge and its watchdog,
 # SATA controller, SMBus), get no driver: loading and probing each is on the way to
 # the probe at every boot (the six empty SATA links alone take a third of a second
-# under TCG).
-printf 'blacklist %s\n' lpc_ich ahci i2c_i801 > /etc/modprobe.d/boot-harness-chipset.conf
-# udev's coldplug at sysinit (systemd-udev-trigger.service; a boot waits for it when
-# it pulls in vfio-early-verify.service, ordered after it) replays the PCI devices,
-# which every check reads, and the block devices, which fstab mounts (an ESP by its
-# UUID). The rest (CPUs, platform and ACPI devices, input, ttys: a few hundred events
-# and module lookups) took about 5 s of a trial boot under TCG, and nothing reads it.
-mkdir -p /etc/systemd/system/systemd-udev-trigger.service.d
-printf '%s\n' '[Service]' 'ExecStart=' \
-    'ExecStart=-udevadm trigger --action=add --subsystem-match=pci --subsystem-match=block' \
-    > /etc/systemd/system/systemd-udev-trigger.service.d/boot-harness.conf
+# under TCG). Nor do the two modules systemd loads at its start for what these guests
+# never use: QEMU's firmware config (credentials) and the firewall's tables.
+printf 'blacklist %s\n' lpc_ich ahci i2c_i801 qemu_fw_cfg ip_tables \
+    > /etc/modprobe.d/boot-harness-chipset.conf
 # Generators for what these images do not have (sysv scripts, encrypted or verity
-# disks, GPT auto-mounts, gettys, hibernation): each is a process at every boot.
+# disks, GPT auto-mounts, gettys, hibernation) or no boot asks for (the kernel command
+# line's systemd.run=, systemd.mask= and debug shell): each is a process at every boot.
 mkdir -p /etc/systemd/system-generators
 for g in systemd-sysv-generator systemd-gpt-auto-generator systemd-getty-generator \
     systemd-cryptsetup-generator systemd-veritysetup-generator \
     systemd-integritysetup-generator systemd-hibernate-resume-generator \
     systemd-rc-local-generator systemd-system-update-generator \
-    systemd-bless-boot-generator; do
+    systemd-bless-boot-generator systemd-debug-generator systemd-run-generator; do
     ln -sf /dev/null "/etc/systemd/system-generators/$g"
 done
 # Smaller trees to copy and disks to write: no documentation, man pages, locales or
@@ -75,20 +69,63 @@ find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete
 rm -rf /usr/share/man/* /usr/share/locale/* /var/lib/apt/lists/* /var/cache/apt/*.bin
 "#;
 
-/// The test images' initramfs-tools builds take the modules a guest needs to mount its
-/// root (virtio, ext4; an LVM root's device-mapper comes with lvm2's own hook), not
-/// Debian's `most`: built on this machine (a chroot's MODULES=dep would read the build
-/// machine's root) in 1.5 s instead of 18 s, 6 MB instead of 30 that a TCG guest
-/// unpacks at every boot. vfio-early's hook adds the vfio modules itself in any mode.
-/// Written before the package is installed, so the install's update-initramfs
-/// trigger already builds the small image: in every layer, and in deb-test's chroot
-/// (nine builds there). Builds in a guest take this list too (the stage scripts'
-/// zz-boot-harness sets only the compression level).
+/// The test images' initramfs builds take the modules a guest needs to mount its root
+/// (virtio, ext4; an LVM root's device-mapper comes with lvm2's own hook), not
+/// Debian's `most` (initramfs-tools) or generic image (dracut): built on this machine
+/// (a chroot's MODULES=dep would read the build machine's root) in 1.5 s instead of
+/// 18 s, 6 MB instead of 30 that a TCG guest unpacks at every boot. vfio-early's hook
+/// and dracut module add the vfio modules themselves in any mode. udev's coldplug,
+/// in the initramfs and on the root, replays the PCI and block devices only.
+/// Written before the package is installed, so the install's own initramfs build
+/// already takes it: in every layer, and in deb-test's chroot (nine builds there).
+/// Builds in a guest take it too (the stage scripts' zz-boot-harness sets only the
+/// compression level).
 pub const SMALL_INITRAMFS: &str = r#"
 set -e
 if [ -d /etc/initramfs-tools ]; then
     echo MODULES=list > /etc/initramfs-tools/conf.d/boot-harness-modules
     printf '%s\n' virtio_pci virtio_blk ext4 >> /etc/initramfs-tools/modules
+fi
+# udev's coldplug at sysinit (systemd-udev-trigger.service; a boot waits for it when
+# it pulls in vfio-early-verify.service, ordered after it) replays the PCI devices,
+# which every check reads, the virtio devices (Debian 13's virtio_pci is built in, so
+# its disk exists before udev starts and only a replay loads virtio_blk) and the block
+# devices, which fstab mounts (an ESP by its UUID). The rest (CPUs, platform and ACPI
+# devices, input, ttys: a few hundred events and module lookups) took about 5 s of a
+# trial boot under TCG, and nothing reads it. Written here, before the package's
+# install builds an image, because dracut's image, where systemd runs the same unit,
+# takes it too.
+mkdir -p /etc/systemd/system/systemd-udev-trigger.service.d
+printf '%s\n' '[Service]' 'ExecStart=' \
+    'ExecStart=-udevadm trigger --action=add --subsystem-match=pci --subsystem-match=virtio --subsystem-match=block' \
+    > /etc/systemd/system/systemd-udev-trigger.service.d/boot-harness.conf
+# dracut's modules the way initramfs-tools' are listed: `drivers` is the whole list of
+# kernel modules (vfio-early's dracut module adds the vfio ones itself), and none of
+# the dracut modules that bring drivers or files for what these guests do not have:
+# the udev hardware database (13 MB that names devices for humans), QEMU's other disks
+# and devices (SATA, SCSI, CD, 9p, virtiofs, memory devices), NVDIMMs, an overlay
+# root, hibernation. Debian's generic image held 788 kernel modules, 69 MB unpacked
+# at every boot.
+if [ -d /etc/dracut.conf.d ]; then
+    printf '%s\n' 'drivers+=" virtio_pci virtio_blk ext4 "' \
+        'omit_dracutmodules+=" hwdb qemu virtfs virtiofs nvdimm overlay-root lunmask resume "' \
+        'install_items+=" /etc/systemd/system/systemd-udev-trigger.service.d/boot-harness.conf "' \
+        > /etc/dracut.conf.d/10-boot-harness.conf
+fi
+# initramfs-tools' coldplug (the udev package's init-top script, which runs after
+# vfio-early's) narrowed the same way: the PCI devices, whose drivers the checks read
+# (udev still loads e1000e for a NIC vfio-early took), virtio and block. The rest took
+# about 1 s of every boot's initramfs stage under TCG. A script of the same name in
+# /etc/initramfs-tools/scripts replaces the packaged one.
+udev=/usr/share/initramfs-tools/scripts/init-top/udev
+if [ -e "$udev" ]; then
+    mine=/etc/initramfs-tools/scripts/init-top/udev
+    mkdir -p "${mine%/*}"
+    sed 's/^udevadm trigger --type=\(subsystems\|devices\) --action=add$/& --subsystem-match=pci --subsystem-match=virtio --subsystem-match=block/' \
+        "$udev" > "$mine"
+    chmod 755 "$mine"
+    [ "$(grep -c -- '--action=add --subsystem-match=pci' "$mine")" = 2 ] ||
+        { echo "$udev: its two udevadm trigger lines were not found" >&2; exit 1; }
 fi
 "#;
 
