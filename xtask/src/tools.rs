@@ -118,7 +118,7 @@ pub fn ensure_cargo_tool(sh: &Shell, bin: &str, krate: &str) -> anyhow::Result<(
 }
 
 /// Bytes free to an unprivileged writer on the file system holding `dir` (`df`).
-pub fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
     let out = std::process::Command::new("df")
         .args(["-B1", "--output=avail"])
         .arg(dir)
