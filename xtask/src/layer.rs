@@ -48,7 +48,7 @@ sed -i 's|^\(/dev/vda[[:space:]].*[[:space:]]\)[0-9]$|\10|' /etc/fstab
 # under TCG). Nor do the two modules systemd loads at its start for what these guests
 # never use: QEMU's firmware config (credentials) and the firewall's tables.
 printf 'blacklist %s\n' lpc_ich ahci i2c_i801 qemu_fw_cfg ip_tables \
-    > /etc/modprobe.d/boot-harness-chipset.conf
+    > /etc/modprobe.d/boot-harness-unused.conf
 # Generators for what these images do not have (sysv scripts, encrypted or verity
 # disks, GPT auto-mounts, gettys, hibernation) or no boot asks for (the kernel command
 # line's systemd.run=, systemd.mask= and debug shell): each is a process at every boot.
@@ -75,7 +75,7 @@ rm -rf /usr/share/man/* /usr/share/locale/* /var/lib/apt/lists/* /var/cache/apt/
 /// (a chroot's MODULES=dep would read the build machine's root) in 1.5 s instead of
 /// 18 s, 6 MB instead of 30 that a TCG guest unpacks at every boot. vfio-early's hook
 /// and dracut module add the vfio modules themselves in any mode. udev's coldplug,
-/// in the initramfs and on the root, replays the PCI and block devices only.
+/// in the initramfs and on the root, replays the PCI, virtio and block devices only.
 /// Written before the package is installed, so the install's own initramfs build
 /// already takes it: in every layer, and in deb-test's chroot (nine builds there).
 /// Builds in a guest take it too (the stage scripts' zz-boot-harness sets only the
