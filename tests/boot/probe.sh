@@ -118,11 +118,12 @@ report() {
 
     echo "vfio-early-probe: end" > /dev/kmsg
     section kmsg
-    # Our lines, the IOMMU's, and the marks the harness times the boot by.
+    # Our lines, the IOMMU's, and the marks the harness times the boot by (systemd's
+    # own lines split the userspace phase in the bench).
     if [ -e "$flags/full-kmsg" ]; then
         dmesg 2>&1
     else
-        dmesg 2>&1 | grep -E 'vfio|DMAR|AMD-Vi|IOMMU|Run /init|EXT4-fs \(.*\): mounted|running in system mode|boot-test:'
+        dmesg 2>&1 | grep -E 'vfio|DMAR|AMD-Vi|IOMMU|Run /init|EXT4-fs \(.*\): mounted|running in system mode|Started systemd-udevd|boot-test:'
     fi
 
     section end

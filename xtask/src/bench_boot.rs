@@ -138,6 +138,7 @@ pub fn run(sh: &Shell, project: &Path, boots: usize, matrix: bool) -> anyhow::Re
         .map(stage_of)
         .collect::<anyhow::Result<_>>()?;
     print_overhead(boots, &with, &without);
+    print_userspace(&runs);
     // Bytes: the layer's initramfs (the package installed, nothing configured, so no
     // file of ours) against the one apply built, both with the layer's module list.
     let dir = &first.dir;
@@ -349,6 +350,62 @@ fn vfio_files(image: &Path) -> anyhow::Result<usize> {
         .count())
 }
 
+/// The marks that split the userspace phase (systemd's start on the root to the
+/// probe's start), from the root's systemd's own lines in the kernel log, and what
+/// each span is.
+const USERSPACE_MARKS: [(&str, &str); 4] = [
+    (
+        "Queued start job for default target",
+        "systemd's set-up, generators, loading units",
+    ),
+    (
+        "Started systemd-udevd.service",
+        "the early units: modules-load, remount-fs, udevd's start",
+    ),
+    ("Starting vfio-early-probe.service", "to the probe's unit"),
+    (
+        "vfio-early-probe: start",
+        "udev's replay of the PCI devices, their drivers loaded",
+    ),
+];
+
+/// Seconds of each span between systemd's start on the root and the marks above, or
+/// `None` when a mark is missing.
+fn userspace_split(report: &Report) -> Option<Vec<f64>> {
+    let mut at = last_stamp(report, phases::SYSTEMD_START)?;
+    let mut spans = Vec::new();
+    for (mark, _) in USERSPACE_MARKS {
+        let t = last_stamp(report, mark)?;
+        spans.push(t - at);
+        at = t;
+    }
+    Some(spans)
+}
+
+/// Where the userspace phase goes, mean over the boots with vfio-early and with it
+/// off: what is left of a boot above the bare reference is mostly this.
+fn print_userspace(runs: &[Run]) {
+    let splits: Vec<Vec<f64>> = runs
+        .iter()
+        .filter(|r| r.name.starts_with("with"))
+        .filter_map(Run::report)
+        .filter_map(userspace_split)
+        .collect();
+    if splits.is_empty() {
+        progress::line("  userspace split: no boot logged all of its marks");
+        return;
+    }
+    progress::line("");
+    progress::line(&format!(
+        "userspace, systemd's start to the probe's (mean of {} boots with and without vfio-early):",
+        splits.len()
+    ));
+    for (i, (mark, what)) in USERSPACE_MARKS.iter().enumerate() {
+        let mean = splits.iter().map(|s| s[i]).sum::<f64>() / splits.len() as f64;
+        progress::line(&format!("  {mean:6.3} s  {what} (to `{mark}`)"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -358,5 +415,28 @@ mod tests {
             Some(6.127671)
         );
         assert_eq!(super::kmsg_seconds("no stamp"), None);
+    }
+
+    #[test]
+    fn userspace_is_split_at_systemd_s_own_lines() {
+        let report = crate::qemu::parse_report(
+            "@@ == kmsg\n\
+             @@ [    2.000000] systemd[1]: systemd 252 running in system mode (+PAM)\n\
+             @@ [    2.500000] systemd[1]: Queued start job for default target vfio-early-probe.target.\n\
+             @@ [    3.250000] systemd[1]: Started systemd-udevd.service - Rule-based Manager.\n\
+             @@ [    3.300000] systemd[1]: Starting vfio-early-probe.service - probe...\n\
+             @@ [    4.000000] vfio-early-probe: start\n\
+             @@ == end\n",
+        );
+        let spans = super::userspace_split(&report).unwrap();
+        let want = [0.5, 0.75, 0.05, 0.7];
+        assert_eq!(spans.len(), want.len());
+        for (got, want) in spans.iter().zip(want) {
+            assert!((got - want).abs() < 1e-9, "{spans:?}");
+        }
+        let without_udevd = crate::qemu::parse_report(
+            "@@ == kmsg\n@@ [    2.0] systemd[1]: systemd 252 running in system mode\n@@ == end\n",
+        );
+        assert!(super::userspace_split(&without_udevd).is_none());
     }
 }
