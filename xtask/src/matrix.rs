@@ -162,7 +162,7 @@ pub fn run_scenarios(
     // the layers, images and package want some room of their own.
     let new = scenarios
         .iter()
-        .filter(|s| !work.join(s.name()).join("prepared.key").exists())
+        .filter(|s| !work.join(s.name()).join(PREPARED_KEY).exists())
         .count() as u64;
     crate::tools::ensure_free_space(
         &work,
@@ -309,10 +309,13 @@ impl Prepared {
     }
 }
 
+/// The key of the inputs a scenario's directory was prepared from.
+const PREPARED_KEY: &str = "prepared.key";
+
 /// Files of a scenario's directory that make up its prepared image, with the key of
 /// the inputs they were made from written last.
 const PREPARED: &[&str] = &[
-    "prepared.key",
+    PREPARED_KEY,
     "disk.img",
     "vmlinuz",
     "initrd.img",
@@ -419,7 +422,7 @@ fn boot_scenario(
     std::fs::create_dir_all(dir)?;
     let flags = probe_flags(s, extra);
     let key = prepared_key(&layer, s, &flags);
-    let key_file = dir.join("prepared.key");
+    let key_file = dir.join(PREPARED_KEY);
     let phase = progress::start(&name, "copying the layer, vfio-early apply");
     let prepared = if std::fs::read_to_string(&key_file).is_ok_and(|k| k.trim() == key) {
         run.prep.note(Phase::Apply, "cached");
